@@ -1,0 +1,436 @@
+"""Data shared by every script: audio loading, configs, run folders, the vschaos2 dataset layout.
+
+Dataset layout (as in vschaos2):
+
+    my_data/
+        data/**/*.wav                      audio, any sub-folders
+        metadata/<task>/metadata.txt       "data/rel/path.wav<TAB>value" or "data/rel/path.wav<TAB>tracks/f.txt"
+        metadata/<task>/classes.txt        optional, "id<TAB>name" per line
+        metadata/<task>/tracks/f.txt       "onset,offset<TAB>value" per line (seconds)
+
+A value is an int, a float or `none` (unlabelled). A spectral frame takes the label of the
+segment that contains its centre; frames outside every segment are unlabelled.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+import yaml
+
+AUDIO_EXTENSIONS = (".wav", ".aif", ".aiff", ".flac", ".ogg", ".mp3")
+MISSING = -1  # int label of an unlabelled frame (float tasks use NaN)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: scripts print its message alone, without traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+class MetadataError(UserError):
+    pass
+
+
+class AudioError(UserError):
+    pass
+
+
+def run_main(main):
+    """Run a script's main(), turning UserError (and Ctrl-C) into one clear line and exit code."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio
+
+
+def find_audio_files(folder):
+    """All audio files under `folder`, recursively, sorted (a file given directly is returned as is)."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def load_audio(path, sr):
+    """Read an audio file as mono float32 at `sr` Hz: a 1-D torch tensor (samples,).
+
+    Any channel count is averaged to mono; any sample rate is resampled with torchaudio.
+    Raises AudioError naming the file if it cannot be read or holds no samples."""
+    try:
+        audio, file_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
+    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
+        raise AudioError(f"{path}: cannot read audio ({e})") from None
+    if audio.shape[0] == 0:
+        raise AudioError(f"{path}: audio file is empty")
+    mono = torch.from_numpy(audio.mean(axis=1))
+    if file_sr != sr:
+        mono = torchaudio.functional.resample(mono, int(file_sr), int(sr))
+    if not torch.isfinite(mono).all():
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    return mono.contiguous()
+
+
+def save_audio(path, audio, sr):
+    """Write mono or (channels, samples) float audio as a 32-bit float wav, creating folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = torch.as_tensor(audio).detach().cpu().float()
+    if audio.dim() == 2:
+        audio = audio.t()  # soundfile wants (samples, channels)
+    sf.write(str(path), audio.numpy(), int(sr), subtype="FLOAT")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: plain YAML + dotted key=value overrides
+
+
+def parse_overrides(args):
+    """['a.b=3', '+c=x'] -> [('a.b', 3), ('c', 'x')]; values parsed as YAML scalars."""
+    out = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"cannot parse argument '{arg}': expected key=value (e.g. train.lr=1e-4)")
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+").strip()
+        if not key or not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", key):
+            raise ConfigError(f"invalid config key '{key}' in '{arg}'")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        out.append((key, parsed))
+    return out
+
+
+def set_dotted(config, key, value):
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def deep_merge(base, update):
+    """A copy of `base` with `update` merged in (dicts merged recursively, other values replaced)."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path):
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    return content
+
+
+def resolve_config_path(name, config_dir):
+    """`--config-name dgt_mid` -> configs/dgt_mid.yaml; a path to any .yaml also works."""
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name)
+    else:
+        path = Path(config_dir) / f"{name}.yaml"
+    if not path.exists():
+        available = ", ".join(list_configs(config_dir)) or "none"
+        raise ConfigError(f"config '{name}' not found ({path}); available: {available}")
+    return path
+
+
+def list_configs(config_dir):
+    return sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+
+
+def check_config(config, schema, open_sections=(), prefix=""):
+    """Check keys and types of `config` against `schema` (the defaults).
+
+    Keys absent from the schema are errors, except under `open_sections` (dotted paths whose
+    children are free, e.g. per-task sections). A None default accepts any value; an int is
+    accepted where a float is expected."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if path in open_sections:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' must be a section (mapping), got {value!r}")
+            continue
+        if key not in schema:
+            close = [k for k in schema if k.lower() == key.lower() or k.startswith(key[:3])]
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' must be a section, got {value!r}")
+            check_config(value, expected, open_sections, path + ".")
+        elif expected is not None and value is not None:
+            ok = isinstance(value, type(expected))
+            if isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if isinstance(expected, int) and not isinstance(expected, bool) and isinstance(value, bool):
+                ok = False
+            if isinstance(expected, bool) and isinstance(value, int) and value in (0, 1):
+                ok = True
+            if not ok:
+                raise ConfigError(f"config key '{path}' expects {type(expected).__name__}, got {value!r}")
+
+
+def load_config(name, overrides, defaults, config_dir="configs", open_sections=()):
+    """Defaults <- configs/NAME.yaml <- key=value overrides, checked against the defaults."""
+    config = defaults
+    if name is not None:
+        path = resolve_config_path(name, config_dir)
+        file_config = read_yaml(path)
+        try:
+            check_config(file_config, defaults, open_sections)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        config = deep_merge(config, file_config)
+    config = json.loads(json.dumps(config))  # deep copy of plain data
+    for key, value in parse_overrides(overrides):
+        set_dotted(config, key, value)
+    check_config(config, defaults, open_sections)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: rundir/name/version_K, never overwritten
+
+
+def version_dirs(run_root):
+    run_root = Path(run_root)
+    if not run_root.is_dir():
+        return []
+    versions = [p for p in run_root.iterdir() if p.is_dir() and re.fullmatch(r"version_\d+", p.name)]
+    return sorted(versions, key=lambda p: int(p.name.split("_")[1]))
+
+
+def new_version_dir(run_root):
+    """Create and return rundir/name/version_K with K one more than the largest existing."""
+    run_root = Path(run_root)
+    run_root.mkdir(parents=True, exist_ok=True)
+    existing = version_dirs(run_root)
+    k = int(existing[-1].name.split("_")[1]) + 1 if existing else 0
+    while True:
+        path = run_root / f"version_{k}"
+        try:
+            path.mkdir()  # atomic: two runs started together never share a folder
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def find_run_version(path, version=None):
+    """A run folder (rundir/name), a version folder or a checkpoint file -> its version folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent
+    if not path.exists():
+        raise UserError(f"{path}: no such run folder")
+    if (path / "config.yaml").exists() and version is None:
+        return path
+    versions = version_dirs(path)
+    if version is not None:
+        chosen = path / f"version_{version}"
+        if not chosen.is_dir():
+            names = ", ".join(v.name for v in versions) or "none"
+            raise UserError(f"{chosen}: no such version (available: {names})")
+        return chosen
+    if not versions:
+        raise UserError(f"{path}: not a run folder (no config.yaml and no version_K sub-folder)")
+    return versions[-1]
+
+
+def write_json_atomic(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_yaml_atomic(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(obj, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata (vschaos2 layout)
+
+
+def parse_value(text, value_type, where, class_ids=None):
+    """A metadata value -> int / float / None (for 'none'). `where` is 'file:line' for errors."""
+    text = text.strip()
+    if text.lower() in ("none", ""):
+        return None
+    if value_type == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            raise MetadataError(f"{where}: '{text}' is not a float") from None
+        if not math.isfinite(value):
+            raise MetadataError(f"{where}: '{text}' is not a finite float")
+        return value
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    if class_ids is not None and text in class_ids:  # a class name from classes.txt
+        return class_ids[text]
+    try:
+        as_float = float(text)
+        if as_float.is_integer():
+            return int(as_float)
+    except ValueError:
+        pass
+    raise MetadataError(f"{where}: '{text}' is not an int label" +
+                        (" nor a class name of classes.txt" if class_ids else ""))
+
+
+def read_classes(path):
+    """classes.txt ('id<TAB>name' lines) -> {id: name}."""
+    classes = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) < 2:
+                parts = line.split(None, 1)
+            if len(parts) < 2:
+                raise MetadataError(f"{path}:{lineno}: expected 'id<TAB>name', got {line.strip()!r}")
+            try:
+                cid = int(parts[0])
+            except ValueError:
+                raise MetadataError(f"{path}:{lineno}: class id '{parts[0]}' is not an int") from None
+            if cid in classes:
+                raise MetadataError(f"{path}:{lineno}: class id {cid} appears twice")
+            classes[cid] = parts[1].strip()
+    return classes
+
+
+def read_track(path, value_type, class_ids=None):
+    """A track file ('onset,offset<TAB>value' lines) -> list of (onset, offset, value)."""
+    segments = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise MetadataError(f"{path}: cannot read track file ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            where = f"{path}:{lineno}"
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 2 or "," not in parts[0]:
+                raise MetadataError(f"{where}: expected 'onset,offset<TAB>value', got {line.strip()!r}")
+            try:
+                onset, offset = (float(t) for t in parts[0].split(","))
+            except ValueError:
+                raise MetadataError(f"{where}: onset/offset '{parts[0]}' are not numbers") from None
+            if not (0 <= onset <= offset):
+                raise MetadataError(f"{where}: need 0 <= onset <= offset, got {onset},{offset}")
+            segments.append((onset, offset, parse_value(parts[1], value_type, where, class_ids)))
+    return segments
+
+
+def read_metadata(root, task, callback="read_single_metadata", value_type="int"):
+    """Read metadata/<task>/metadata.txt.
+
+    Returns (labels, classes): labels maps 'data/rel/path.wav' to a value (single) or to a list
+    of (onset, offset, value) segments (multi); classes is {id: name} from classes.txt or None."""
+    task_dir = Path(root) / "metadata" / task
+    meta_path = task_dir / "metadata.txt"
+    if not meta_path.exists():
+        raise MetadataError(f"{meta_path}: metadata file of task '{task}' not found")
+    if callback not in ("read_single_metadata", "read_multi_metadata"):
+        raise MetadataError(f"task '{task}': unknown metadata callback '{callback}' "
+                            "(use read_single_metadata or read_multi_metadata)")
+    if value_type not in ("int", "float"):
+        raise MetadataError(f"task '{task}': unknown metadata type '{value_type}' (use int or float)")
+    classes = read_classes(task_dir / "classes.txt") if (task_dir / "classes.txt").exists() else None
+    class_ids = {name: cid for cid, name in classes.items()} if classes else None
+    labels = {}
+    with open(meta_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            where = f"{meta_path}:{lineno}"
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 2 or not parts[0].strip():
+                raise MetadataError(f"{where}: expected 'data/path/to/file.wav<TAB>value', got {line.strip()!r}")
+            key, field = parts[0].strip(), parts[1].strip()
+            if key in labels:
+                raise MetadataError(f"{where}: '{key}' already has a label in this file")
+            if callback == "read_multi_metadata" or field.startswith("tracks/"):
+                if callback == "read_single_metadata":
+                    raise MetadataError(f"{where}: '{field}' is a track file but task '{task}' uses "
+                                        "read_single_metadata (set its name to read_multi_metadata)")
+                labels[key] = read_track(task_dir / field, value_type, class_ids)
+            else:
+                labels[key] = parse_value(field, value_type, where, class_ids)
+    if classes is not None and value_type == "int":
+        for key, value in labels.items():
+            values = [s[2] for s in value] if isinstance(value, list) else [value]
+            for v in values:
+                if v is not None and v not in classes:
+                    raise MetadataError(f"{meta_path}: label {v} of '{key}' is not a class id of "
+                                        f"{task_dir / 'classes.txt'} (ids {min(classes)}..{max(classes)})")
+    return labels, classes
+
+
+def frame_labels(value, n_frames, hop, sr, value_type="int"):
+    """Per-frame labels of one file: frame t (centre at t*hop/sr seconds) takes the label of the
+    segment containing its centre. Returns int64 (MISSING for unlabelled) or float32 (NaN)."""
+    if value_type == "float":
+        out = np.full(n_frames, np.nan, dtype=np.float32)
+    else:
+        out = np.full(n_frames, MISSING, dtype=np.int64)
+    if value is None:
+        return out
+    if not isinstance(value, list):
+        out[:] = value
+        return out
+    centres = np.arange(n_frames) * hop / sr
+    for onset, offset, label in value:  # later segments win where segments overlap
+        if label is None:
+            continue
+        inside = (centres >= onset) & (centres < offset)
+        out[inside] = label
+    return out
