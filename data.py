@@ -103,6 +103,31 @@ def save_audio(path, audio, sr):
 # Configs: plain YAML + dotted key=value overrides
 
 
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def fix_floats(obj):
+    """PyYAML reads '1e-4' (no dot) as a string: turn such strings into floats, recursively."""
+    if isinstance(obj, str) and _FLOAT_RE.match(obj):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: fix_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [fix_floats(v) for v in obj]
+    return obj
+
+
+def flatten_config(config, prefix=""):
+    """[('a.b', value), ...] for every leaf of a nested config."""
+    out = []
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out += flatten_config(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
 def parse_overrides(args):
     """['a.b=3', '+c=x'] -> [('a.b', 3), ('c', 'x')]; values parsed as YAML scalars."""
     out = []
@@ -114,7 +139,7 @@ def parse_overrides(args):
         if not key or not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", key):
             raise ConfigError(f"invalid config key '{key}' in '{arg}'")
         try:
-            parsed = yaml.safe_load(value) if value != "" else None
+            parsed = fix_floats(yaml.safe_load(value)) if value != "" else None
         except yaml.YAMLError:
             parsed = value
         out.append((key, parsed))
@@ -154,6 +179,7 @@ def read_yaml(path):
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    content = fix_floats(content)
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -370,48 +396,70 @@ def read_track(path, value_type, class_ids=None):
     return segments
 
 
-def read_metadata(root, task, callback="read_single_metadata", value_type="int"):
+def read_metadata(root, task, callback="read_single_metadata", value_type="int", errors=None):
     """Read metadata/<task>/metadata.txt.
 
     Returns (labels, classes): labels maps 'data/rel/path.wav' to a value (single) or to a list
-    of (onset, offset, value) segments (multi); classes is {id: name} from classes.txt or None."""
+    of (onset, offset, value) segments (multi); classes is {id: name} from classes.txt or None.
+    Every problem names its file and line. With `errors` (a list), problems are appended to it and
+    reading goes on (for `+check=1`); without, the first one raises MetadataError."""
+    def fail(message):
+        if errors is None:
+            raise MetadataError(message)
+        errors.append(message)
+
     task_dir = Path(root) / "metadata" / task
     meta_path = task_dir / "metadata.txt"
-    if not meta_path.exists():
-        raise MetadataError(f"{meta_path}: metadata file of task '{task}' not found")
     if callback not in ("read_single_metadata", "read_multi_metadata"):
-        raise MetadataError(f"task '{task}': unknown metadata callback '{callback}' "
-                            "(use read_single_metadata or read_multi_metadata)")
+        fail(f"task '{task}': unknown metadata callback '{callback}' "
+             "(use read_single_metadata or read_multi_metadata)")
+        return {}, None
     if value_type not in ("int", "float"):
-        raise MetadataError(f"task '{task}': unknown metadata type '{value_type}' (use int or float)")
-    classes = read_classes(task_dir / "classes.txt") if (task_dir / "classes.txt").exists() else None
+        fail(f"task '{task}': unknown metadata type '{value_type}' (use int or float)")
+        return {}, None
+    if not meta_path.exists():
+        fail(f"{meta_path}: metadata file of task '{task}' not found")
+        return {}, None
+    classes = None
+    if (task_dir / "classes.txt").exists():
+        try:
+            classes = read_classes(task_dir / "classes.txt")
+        except MetadataError as e:
+            fail(str(e))
     class_ids = {name: cid for cid, name in classes.items()} if classes else None
     labels = {}
     with open(meta_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            where = f"{meta_path}:{lineno}"
+        lines = list(enumerate(f, 1))
+    for lineno, line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{meta_path}:{lineno}"
+        try:
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 2 or not parts[0].strip():
                 raise MetadataError(f"{where}: expected 'data/path/to/file.wav<TAB>value', got {line.strip()!r}")
             key, field = parts[0].strip(), parts[1].strip()
             if key in labels:
                 raise MetadataError(f"{where}: '{key}' already has a label in this file")
+            if not (Path(root) / key).is_file():
+                raise MetadataError(f"{where}: audio file '{key}' not found under {root}")
             if callback == "read_multi_metadata" or field.startswith("tracks/"):
                 if callback == "read_single_metadata":
                     raise MetadataError(f"{where}: '{field}' is a track file but task '{task}' uses "
                                         "read_single_metadata (set its name to read_multi_metadata)")
-                labels[key] = read_track(task_dir / field, value_type, class_ids)
+                if not (task_dir / field).is_file():
+                    raise MetadataError(f"{where}: track file '{field}' not found in {task_dir}")
+                value = read_track(task_dir / field, value_type, class_ids)
             else:
-                labels[key] = parse_value(field, value_type, where, class_ids)
-    if classes is not None and value_type == "int":
-        for key, value in labels.items():
-            values = [s[2] for s in value] if isinstance(value, list) else [value]
-            for v in values:
-                if v is not None and v not in classes:
-                    raise MetadataError(f"{meta_path}: label {v} of '{key}' is not a class id of "
-                                        f"{task_dir / 'classes.txt'} (ids {min(classes)}..{max(classes)})")
+                value = parse_value(field, value_type, where, class_ids)
+            if classes is not None and value_type == "int":
+                for v in ([s[2] for s in value] if isinstance(value, list) else [value]):
+                    if v is not None and v not in classes:
+                        raise MetadataError(f"{where}: label {v} is not a class id of "
+                                            f"{task_dir / 'classes.txt'} (ids {min(classes)}..{max(classes)})")
+            labels[key] = value
+        except MetadataError as e:
+            fail(str(e))
     return labels, classes
 
 
@@ -434,3 +482,158 @@ def frame_labels(value, n_frames, hop, sr, value_type="int"):
         inside = (centres >= onset) & (centres < offset)
         out[inside] = label
     return out
+
+
+def label_values(value):
+    """All non-missing values of a file's label (single value or track segments)."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [s[2] for s in value if s[2] is not None]
+    return [value]
+
+
+def check_label_ranges(metadata, task_dims, errors=None):
+    """Int labels must lie in [0, dim) of the task's conditioning/prediction."""
+    for task, dim in task_dims.items():
+        labels, _ = metadata[task]
+        for key, value in labels.items():
+            bad = [v for v in label_values(value) if not (0 <= v < dim)]
+            if bad:
+                message = (f"task '{task}': label {bad[0]} of '{key}' is outside 0..{dim - 1} "
+                           f"(raise model.conditioning/prediction.{task}.dim or fix the metadata)")
+                if errors is None:
+                    raise MetadataError(message)
+                errors.append(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectral frames of a dataset, cached on disk
+
+
+def transform_key(transform):
+    """Cache key of a transform: a change of sr, n_fft or hop never reuses a stale cache."""
+    text = json.dumps({"sr": transform["sr"], "n_fft": transform["n_fft"], "hop": transform["hop"],
+                       "window": "gaussian0.01", "format": 1}, sort_keys=True)
+    return "dgt_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def file_magnitude(path, transform, cache_dir=None):
+    """|DGT| of one file: (frames, bins) float32 numpy array, cached as .npy under cache_dir.
+
+    The cache file name hashes the audio path, size and modification time, so an edited file is
+    recomputed. Raises AudioError for unreadable, empty or too-short files."""
+    from models import magnitude  # models imports nothing from data; import here keeps data.py light
+    path = Path(path)
+    cache_file = None
+    if cache_dir is not None:
+        stat = path.stat()
+        ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        cache_file = Path(cache_dir) / transform_key(transform) / (hashlib.sha1(ident.encode()).hexdigest() + ".npy")
+        if cache_file.exists():
+            try:
+                return np.load(cache_file)
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is recomputed
+    audio = load_audio(path, transform["sr"])
+    if audio.shape[0] < transform["n_fft"]:
+        raise AudioError(f"{path}: shorter than one window ({audio.shape[0]} < n_fft {transform['n_fft']} "
+                         f"samples at {transform['sr']} Hz)")
+    mag = magnitude(audio, transform["n_fft"], transform["hop"]).t().contiguous().numpy()  # (frames, bins)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, mag)
+        os.replace(tmp, cache_file)
+    return mag
+
+
+def scan_dataset(root, n_files=None, metadata_callbacks=None, errors=None):
+    """Find the audio files of a dataset and read its metadata.
+
+    Returns (files, metadata): files are paths relative to root ('data/...'), metadata maps
+    task -> (labels, classes). Metadata problems raise MetadataError, or go to `errors`."""
+    root = Path(root)
+    if not (root / "data").is_dir():
+        raise UserError(f"{root}: not a dataset folder (expected audio files under {root / 'data'})")
+    files = [p.relative_to(root).as_posix() for p in find_audio_files(root / "data")]
+    if not files:
+        raise UserError(f"{root / 'data'}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    if n_files:
+        files = files[:int(n_files)]
+    metadata = {}
+    for task, spec in (metadata_callbacks or {}).items():
+        spec = spec or {}
+        metadata[task] = read_metadata(root, task, spec.get("name", "read_single_metadata"),
+                                       spec.get("type", "int"), errors)
+    return files, metadata
+
+
+def split_files(files, valid_fraction, seed):
+    """Seeded train/validation split by file (at least one validation file when there are two)."""
+    order = list(files)
+    np.random.default_rng(seed).shuffle(order)
+    n_valid = int(round(len(order) * valid_fraction))
+    if valid_fraction > 0 and len(order) >= 2:
+        n_valid = max(1, n_valid)
+    n_valid = min(n_valid, len(order) - 1)
+    return sorted(order[n_valid:]), sorted(order[:n_valid])
+
+
+class FrameSet:
+    """All spectral frames of a list of files, in memory, with per-frame labels.
+
+    mags: (frames, bins) float32 linear magnitude; labels[task]: (frames,) int64 (MISSING = -1)
+    or float32 (NaN = missing); file_of_frame: (frames,) index into `files`."""
+
+    def __init__(self, root, files, metadata, metadata_callbacks, transform, cache_dir=None,
+                 progress=True, warn=print):
+        from tqdm import tqdm
+        mags, file_ids, kept, self.skipped = [], [], [], []
+        label_parts = {task: [] for task in metadata}
+        iterator = tqdm(files, desc="spectra", unit="file", disable=not progress or len(files) < 2,
+                        leave=False)
+        for key in iterator:
+            try:
+                mag = file_magnitude(Path(root) / key, transform, cache_dir)
+            except (AudioError, OSError) as e:
+                warn(f"warning: skipping {e}")
+                self.skipped.append(key)
+                continue
+            for task, (labels, _) in metadata.items():
+                value_type = (metadata_callbacks[task] or {}).get("type", "int")
+                label_parts[task].append(frame_labels(labels.get(key), mag.shape[0], transform["hop"],
+                                                      transform["sr"], value_type))
+            file_ids.append(np.full(mag.shape[0], len(kept), dtype=np.int64))
+            mags.append(mag)
+            kept.append(key)
+        self.files = kept
+        bins = transform["n_fft"] // 2 + 1
+        self.mags = torch.from_numpy(np.concatenate(mags)) if mags else torch.zeros(0, bins)
+        self.file_of_frame = torch.from_numpy(np.concatenate(file_ids)) if file_ids else torch.zeros(0, dtype=torch.long)
+        self.labels = {t: torch.from_numpy(np.concatenate(p)) if p else torch.zeros(0, dtype=torch.long)
+                       for t, p in label_parts.items()}
+
+    def __len__(self):
+        return self.mags.shape[0]
+
+    def file_frames(self, index):
+        """Frame indices of file number `index` (in time order)."""
+        return torch.nonzero(self.file_of_frame == index).squeeze(1)
+
+
+def augment_frames(mags, roll_p=0.3, roll_range=(-2, 1), gain_std=0.1):
+    """vschaos2's augmentations on linear magnitudes (batch, bins): random roll of a few
+    frequency bins (with probability roll_p; edges repeated, no wrap-around) and random gain ×(1 + gain_std·N(0,1))."""
+    batch = mags.shape[0]
+    if roll_p > 0:
+        shifts = torch.randint(int(roll_range[0]), int(roll_range[1]) + 1, (batch,), device=mags.device)
+        shifts = torch.where(torch.rand(batch, device=mags.device) < roll_p, shifts, torch.zeros_like(shifts))
+        bins = mags.shape[1]
+        index = (torch.arange(bins, device=mags.device)[None, :] - shifts[:, None]).clamp(0, bins - 1)
+        mags = torch.gather(mags, 1, index)
+    if gain_std > 0:
+        gain = (1.0 + gain_std * torch.randn(batch, 1, device=mags.device)).clamp(min=0.1)
+        mags = mags * gain
+    return mags

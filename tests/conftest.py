@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic datasets made by the tests themselves (no downloads)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from make_demo_data import write_demo_dataset  # noqa: E402
+
+# A fast transform for tests: 16 kHz, 256-point windows
+FAST = ["data.transform.sr=16000", "data.transform.n_fft=256", "data.transform.hop=64"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """9 two-note files of 1 s at 16 kHz with pitch/octave tracks and a per-file timbre label."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, n_files=9, seconds=1.0, sr=16000)
+    return root
+
+
+def run_script(*args, cwd=ROOT):
+    """Run one of the project's scripts in a subprocess: (returncode, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr

@@ -1,0 +1,395 @@
+"""Train a spectral variational auto-encoder (vschaos2-style) on a folder of audio.
+
+    python train_vae.py --config-name dgt_mid name=my_training rundir=my_path +data.dataset.root=my_data
+
+Every argument after the config name is a dotted key=value override (a leading + is accepted
+and means the same); values are YAML scalars. Runs go to rundir/name/version_K/ with
+config.yaml, split.json, last.pt, best.pt and TensorBoard logs (tensorboard --logdir rundir).
+`+check=1` prints the model and a dataset summary and exits; `+resume=1` continues the latest
+version of rundir/name (or resume=path/to/version_K).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from data import ConfigError, UserError
+import models
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# Every key a config may hold, with its default. configs/*.yaml and key=value overrides change them.
+DEFAULTS = {
+    "name": "vae",           # run name: runs go to rundir/name/version_K
+    "rundir": "runs",
+    "check": 0,              # 1: print model + dataset summary and exit
+    "resume": None,          # 1: continue the latest version of rundir/name; or a version folder
+    "data": {
+        "transform": {"sr": 44100, "n_fft": 1024, "hop": 256},
+        "dataset": {
+            "root": None,                # dataset folder holding data/ and metadata/
+            "n_files": None,             # load only the first N files (sorted by path)
+            "cache": None,               # spectra cache folder (default: rundir/cache)
+            "metadata_callbacks": {},    # task: {name: read_single_metadata|read_multi_metadata, type: int|float}
+        },
+        "valid_fraction": 0.1,           # share of files held out for validation
+        "augment": {"roll_p": 0.3, "roll_range": [-2, 1], "gain_std": 0.1},
+    },
+    "model": {
+        "latent_dim": 8,
+        "architecture": "mlp",           # mlp (fast, the default) | conv (vschaos2's conv stack)
+        "encoder_hidden": [512, 256],
+        "decoder_hidden": [256, 512],
+        "conv": {"channels": [64, 32, 16, 8], "kernels": [3, 5, 7, 9], "strides": [1, 2, 2, 4],
+                 "mlp_hidden": 800},
+        "conditioning": {},              # task: {dim, target: [encoder, decoder], embedding: OneHot|Embedding}
+        "prediction": {},                # task: {dim, type: MLPEncoder, args: {nlayers, hidden_dims}, target_dist: Categorical}
+    },
+    "train": {
+        "batch_size": 256,
+        "lr": 1e-3,
+        "max_epochs": None,              # stop after this many passes over the training frames ...
+        "max_steps": 20000,              # ... or this many optimizer steps, whichever comes first
+        "seed": 0,
+        "device": "auto",                # auto | cpu | cuda
+        "num_threads": None,             # CPU threads for torch (default: torch's choice)
+        "beta": 0.02,                    # weight of the KL term after warm-up
+        "beta_warmup_steps": 2000,
+        "free_bits": 0.05,               # nats per latent dimension left free of the KL penalty
+        "log_magnitude_weight": 1.0,     # weight of the L1 term on normalised log-magnitudes
+        "predictor_weight": 1.0,
+        "log_every": 100,                # progress line + TensorBoard scalars every N steps
+        "val_every": 500,                # validation + checkpoints every N steps (and at the end)
+        "patience": None,                # stop after N validations without improvement
+    },
+}
+OPEN_SECTIONS = ("data.dataset.metadata_callbacks", "model.conditioning", "model.prediction")
+
+
+def check_tasks(config):
+    """Check the per-task sections, which the generic key check leaves open."""
+    callbacks = config["data"]["dataset"]["metadata_callbacks"] or {}
+    for task, spec in callbacks.items():
+        spec = spec or {}
+        unknown = set(spec) - {"name", "type"}
+        if unknown:
+            raise ConfigError(f"unknown config key 'data.dataset.metadata_callbacks.{task}.{sorted(unknown)[0]}'")
+        if spec.get("name", "read_single_metadata") not in ("read_single_metadata", "read_multi_metadata"):
+            raise ConfigError(f"data.dataset.metadata_callbacks.{task}.name must be read_single_metadata "
+                              f"or read_multi_metadata, got {spec.get('name')!r}")
+        if spec.get("type", "int") not in ("int", "float"):
+            raise ConfigError(f"data.dataset.metadata_callbacks.{task}.type must be int or float")
+    for section, allowed in (("conditioning", {"dim", "target", "embedding", "embedding_dim"}),
+                             ("prediction", {"dim", "type", "args", "target_dist"})):
+        for task, spec in (config["model"][section] or {}).items():
+            where = f"model.{section}.{task}"
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{where} must be a section with at least 'dim'")
+            unknown = set(spec) - allowed
+            if unknown:
+                raise ConfigError(f"unknown config key '{where}.{sorted(unknown)[0]}'")
+            if not isinstance(spec.get("dim"), int) or isinstance(spec.get("dim"), bool) or spec["dim"] < 1:
+                raise ConfigError(f"{where}.dim must be a positive int, got {spec.get('dim')!r}")
+            if task not in callbacks:
+                raise ConfigError(f"{where}: task '{task}' has no data.dataset.metadata_callbacks.{task} entry")
+            if (callbacks[task] or {}).get("type", "int") != "int":
+                raise ConfigError(f"{where}: only int (class) tasks can be conditioned on or predicted")
+            if section == "conditioning":
+                targets = spec.get("target", ["decoder"])
+                if isinstance(targets, str):
+                    targets = [targets]
+                if not targets or set(targets) - {"encoder", "decoder"}:
+                    raise ConfigError(f"{where}.target must be a list of encoder/decoder, got {spec.get('target')!r}")
+                spec["target"] = list(targets)
+                if spec.setdefault("embedding", "OneHot") not in ("OneHot", "Embedding"):
+                    raise ConfigError(f"{where}.embedding must be OneHot or Embedding")
+            else:
+                if spec.setdefault("type", "MLPEncoder") != "MLPEncoder":
+                    raise ConfigError(f"{where}.type must be MLPEncoder")
+                if spec.setdefault("target_dist", "Categorical") != "Categorical":
+                    raise ConfigError(f"{where}.target_dist must be Categorical")
+                args = spec.setdefault("args", {}) or {}
+                if set(args) - {"nlayers", "hidden_dims"}:
+                    raise ConfigError(f"unknown config key '{where}.args.{sorted(set(args) - {'nlayers', 'hidden_dims'})[0]}'")
+                spec["args"] = args
+                if "encoder" in (config["model"]["conditioning"].get(task) or {}).get("target", []):
+                    print(f"warning: task '{task}' both conditions the encoder and is predicted: "
+                          "the predictor cannot help where the label is unknown", file=sys.stderr)
+    t = config["data"]["transform"]
+    if t["hop"] < 1 or t["n_fft"] < 2 or t["hop"] > t["n_fft"]:
+        raise ConfigError(f"data.transform: need 1 <= hop <= n_fft, got n_fft={t['n_fft']} hop={t['hop']}")
+
+
+def parse_args(argv):
+    configs = ", ".join(data.list_configs(CONFIG_DIR))
+    keys = "\n".join(f"  {k} = {v}" for k, v in data.flatten_config(DEFAULTS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"configs (in {CONFIG_DIR}): {configs}\n\nkeys and their defaults "
+               f"(per-task sections: {', '.join(OPEN_SECTIONS)}.<task>):\n{keys}")
+    parser.add_argument("--config-name", "-cn", default=None,
+                        help="a config of configs/ (e.g. dgt_mid) or a path to a .yaml file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. +data.dataset.root=my_data")
+    args = parser.parse_args(argv)
+    config = data.load_config(args.config_name, args.overrides, DEFAULTS, CONFIG_DIR, OPEN_SECTIONS)
+    check_tasks(config)
+    return args, config
+
+
+def compute_losses(model, mags, labels, config, step, augment=False):
+    """Every loss term of one batch. mags: (batch, bins) linear magnitudes; labels[task]: (batch,)."""
+    tc = config["train"]
+    if augment:
+        a = config["data"]["augment"]
+        mags = data.augment_frames(mags, a["roll_p"], a["roll_range"], a["gain_std"])
+    x = model.normalize(mags)  # (batch, bins)
+    cond = models.fill_missing_labels(model, labels)  # unlabelled -> random classes
+    x_hat, mean, logvar, z = model(x, cond, sample=model.training)
+    sc = models.spectral_convergence_loss(x_hat, x)
+    log_l1 = (x_hat - x).abs().mean()
+    kl = models.kl_divergence(mean, logvar)
+    beta = models.beta_schedule(step, tc["beta"], tc["beta_warmup_steps"])
+    out = {"sc": sc, "log_l1": log_l1, "kl": kl.sum(-1).mean(), "beta": torch.tensor(beta),
+           "loss": sc + tc["log_magnitude_weight"] * log_l1 + beta * models.free_bits_kl(kl, tc["free_bits"])}
+    for task, logits in model.predict(z).items():
+        y = labels[task]
+        labelled = y >= 0
+        # the seed's rule: where the label is unknown the predictor is trained on random labels
+        target = torch.where(labelled, y, torch.randint_like(y, logits.shape[-1]))
+        out[f"pred_{task}"] = F.cross_entropy(logits, target)
+        out["loss"] = out["loss"] + tc["predictor_weight"] * out[f"pred_{task}"]
+        if labelled.any():
+            out[f"acc_{task}"] = (logits.argmax(-1)[labelled] == y[labelled]).float().mean()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, frames, config, step, device):
+    """Mean losses over all validation frames (posterior mean, no augmentation)."""
+    model.eval()
+    totals, counts = {}, {}
+    bs = config["train"]["batch_size"]
+    for start in range(0, len(frames), bs):
+        mags = frames.mags[start:start + bs].to(device)
+        labels = {t: v[start:start + bs].to(device) for t, v in frames.labels.items()}
+        for k, v in compute_losses(model, mags, labels, config, step).items():
+            totals[k] = totals.get(k, 0.0) + float(v) * mags.shape[0]
+            counts[k] = counts.get(k, 0) + mags.shape[0]
+    model.train()
+    return {k: totals[k] / counts[k] for k in totals}
+
+
+@torch.no_grad()
+def log_examples(writer, model, frames, config, step, device, max_frames=400):
+    """Spectrogram image (original above, reconstruction below) and audio of one validation file."""
+    t = config["data"]["transform"]
+    model.eval()
+    index = frames.file_frames(0)[:max_frames]
+    mags = frames.mags[index].to(device)  # (frames, bins)
+    labels = {k: v[index].to(device) for k, v in frames.labels.items()}
+    x = model.normalize(mags)
+    mean, _ = model.encode(x, models.fill_missing_labels(model, labels))
+    cond = models.fill_missing_labels(model, labels, model.predict(mean))
+    x_hat = model.decode(mean, cond)
+    image = torch.cat([x.t().flip(0), torch.ones(x.shape[1], 2, device=device), x_hat.t().flip(0)], dim=1)  # (bins, 2·frames + 2), low bins at the bottom
+    writer.add_image("valid/spectrogram_original_vs_reconstruction", image.clamp(0, 1).unsqueeze(0).cpu(), step)
+    audio = models.reconstruct_audio(model.denormalize(x_hat).t().cpu(), t["n_fft"], t["hop"])
+    writer.add_audio("valid/reconstruction", (audio / audio.abs().max().clamp(min=1.0)).unsqueeze(0), step,
+                     sample_rate=t["sr"])
+    if step == 0 or not getattr(log_examples, "logged_original", False):
+        original = models.reconstruct_audio(mags.t().cpu(), t["n_fft"], t["hop"])
+        writer.add_audio("valid/original_magnitude_resynthesis",
+                         (original / original.abs().max().clamp(min=1.0)).unsqueeze(0), step, sample_rate=t["sr"])
+        log_examples.logged_original = True
+    model.train()
+
+
+def summarize(frames, metadata, config, split_name):
+    """Files, frames and label coverage of a FrameSet, as printed by +check=1."""
+    lines = [f"{split_name}: {len(frames.files)} files, {len(frames)} frames"]
+    for task, y in frames.labels.items():
+        if y.dtype == torch.float32:
+            known = torch.isfinite(y)
+            lines.append(f"  {task} (float): {known.float().mean().item():.0%} of frames labelled")
+            continue
+        known = y >= 0
+        classes = metadata[task][1] or {}
+        counts = torch.bincount(y[known]) if known.any() else torch.zeros(0, dtype=torch.long)
+        per_class = ", ".join(f"{classes.get(c, c)}:{int(n)}" for c, n in enumerate(counts.tolist()) if n)
+        lines.append(f"  {task}: {known.float().mean().item() if len(y) else 0:.0%} of frames labelled"
+                     f"{' [' + per_class + ']' if per_class else ''}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args, config = parse_args(sys.argv[1:] if argv is None else argv)
+
+    # ---- run folder: a new version, or the one we resume -------------------------------------
+    resume_dir = None
+    if config["resume"] not in (None, 0, False):
+        if config["resume"] in (1, True):
+            resume_dir = data.find_run_version(Path(config["rundir"]) / config["name"])
+        else:
+            resume_dir = data.find_run_version(config["resume"])
+        saved = data.read_yaml(resume_dir / "config.yaml")
+        for key, value in data.parse_overrides(args.overrides):
+            if key.startswith("train."):  # e.g. train.max_steps=... extends a finished run
+                data.set_dotted(saved, key, value)
+        config = dict(saved, resume=config["resume"], check=config["check"])
+        print(f"resuming {resume_dir}")
+
+    tc, t = config["train"], config["data"]["transform"]
+    ds = config["data"]["dataset"]
+    if ds["root"] is None:
+        raise ConfigError("no dataset: set +data.dataset.root=path/to/my_data")
+    torch.manual_seed(tc["seed"])
+    if tc["num_threads"]:
+        torch.set_num_threads(tc["num_threads"])
+    device = torch.device("cuda" if tc["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if tc["device"] == "auto" else tc["device"]))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto)")
+
+    # ---- data -------------------------------------------------------------------------------
+    check = bool(config["check"])
+    problems = [] if check else None  # +check=1 collects every problem instead of stopping at one
+    callbacks = ds["metadata_callbacks"] or {}
+    files, metadata = data.scan_dataset(ds["root"], ds["n_files"], callbacks, problems)
+    task_dims = {t_: s["dim"] for section in ("conditioning", "prediction")
+                 for t_, s in config["model"][section].items()}
+    data.check_label_ranges(metadata, task_dims, problems)
+    if resume_dir is not None:
+        split = json.loads((resume_dir / "split.json").read_text())
+    else:
+        train_files, valid_files = data.split_files(files, config["data"]["valid_fraction"], tc["seed"])
+        split = {"seed": tc["seed"], "train": train_files, "valid": valid_files}
+    cache = ds["cache"] or str(Path(config["rundir"]) / "cache")
+    warnings = []
+
+    def warn(message):
+        warnings.append(message)
+        print(message, file=sys.stderr)
+
+    train_set = data.FrameSet(ds["root"], split["train"], metadata, callbacks, t, cache, warn=warn)
+    valid_set = data.FrameSet(ds["root"], split["valid"], metadata, callbacks, t, cache, warn=warn)
+    if len(train_set) == 0 and not check:
+        raise UserError(f"{ds['root']}: no usable training audio (every file was skipped)")
+
+    model = models.build_vae(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if check:
+        print(model)
+        print(f"parameters: {n_params:,}")
+        print(f"dataset {ds['root']}: {len(files)} audio files")
+        print(summarize(train_set, metadata, config, "train"))
+        print(summarize(valid_set, metadata, config, "valid"))
+        for message in problems + warnings:
+            print(f"problem: {message}")
+        print(f"{len(problems)} metadata problem(s), {len(warnings)} audio file(s) skipped")
+        sys.exit(1 if problems else 0)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"])
+    step, epoch, best_val = 0, 0, math.inf
+    if resume_dir is not None:
+        checkpoint = models.load_checkpoint(resume_dir / "last.pt")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, epoch, best_val = checkpoint["step"], checkpoint["epoch"], checkpoint["best_val"]
+        run_dir = resume_dir
+        torch.manual_seed(tc["seed"] + step)
+    else:
+        # normalisation statistics of the training set, stored in the model
+        logmag = torch.log1p(train_set.mags)
+        model.norm_offset.fill_(logmag.min().item())
+        model.norm_scale.fill_(max(logmag.max().item() - logmag.min().item(), 1e-6))
+        run_dir = data.new_version_dir(Path(config["rundir"]) / config["name"])
+        data.write_yaml_atomic(run_dir / "config.yaml", config)
+        data.write_json_atomic(run_dir / "split.json", split)
+    print(f"run {run_dir}: {len(train_set)} training frames ({len(train_set.files)} files), "
+          f"{len(valid_set)} validation frames ({len(valid_set.files)} files), {n_params:,} parameters, {device}")
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(run_dir))
+
+    def save(path_name):
+        models.save_checkpoint(run_dir / path_name, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+            "best_val": best_val, "config": config})
+
+    def validate():
+        nonlocal best_val, bad_validations
+        if len(valid_set) == 0:
+            save("last.pt")
+            return
+        metrics = evaluate(model, valid_set, config, step, device)
+        for k, v in metrics.items():
+            writer.add_scalar(f"valid/{k}", v, step)
+        log_examples(writer, model, valid_set, config, step, device)
+        improved = metrics["loss"] < best_val
+        if improved:
+            best_val, bad_validations = metrics["loss"], 0
+        else:
+            bad_validations += 1
+        save("last.pt")
+        if improved:
+            save("best.pt")
+        print(f"  validation at step {step}: loss {metrics['loss']:.4f} sc {metrics['sc']:.4f} "
+              f"kl {metrics['kl']:.2f}{' (best)' if improved else ''}")
+
+    # ---- training loop ------------------------------------------------------------------------
+    train_mags = train_set.mags.to(device)  # (frames, bins): the whole set fits in memory
+    train_labels = {k: v.to(device) for k, v in train_set.labels.items()}
+    bs = min(tc["batch_size"], len(train_set))
+    steps_per_epoch = max(1, len(train_set) // bs)
+    max_steps = tc["max_steps"] or math.inf
+    if tc["max_epochs"]:
+        max_steps = min(max_steps, tc["max_epochs"] * steps_per_epoch)
+    if max_steps == math.inf:
+        raise ConfigError("set train.max_steps or train.max_epochs")
+    bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
+    start_step = step
+    model.train()
+    while step < max_steps:
+        order = torch.randperm(len(train_set), device=device)
+        for i in range(steps_per_epoch):
+            if step >= max_steps:
+                break
+            idx = order[i * bs:(i + 1) * bs]
+            losses = compute_losses(model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
+                                    config, step, augment=True)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            step += 1
+            frames_seen += bs
+            if step % tc["log_every"] == 0 or step == max_steps:
+                for k, v in losses.items():
+                    writer.add_scalar(f"train/{k}", float(v), step)
+                now = time.time()
+                fps = frames_seen / (now - last_log)
+                eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
+                print(f"step {step}/{max_steps} epoch {epoch} loss {float(losses['loss']):.4f} "
+                      f"sc {float(losses['sc']):.4f} kl {float(losses['kl']):.2f} | "
+                      f"{fps:,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)
+                last_log, frames_seen = now, 0
+            if step % tc["val_every"] == 0 or step == max_steps:
+                validate()
+                if tc["patience"] and bad_validations >= tc["patience"]:
+                    print(f"early stop: no improvement in {tc['patience']} validations")
+                    max_steps = step
+        else:
+            epoch += 1
+    writer.close()
+    print(f"done: {run_dir} (best validation loss {best_val:.4f})")
+    return run_dir
+
+
+if __name__ == "__main__":
+    data.run_main(main)
