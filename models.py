@@ -6,7 +6,9 @@ Conventions (used everywhere in the toolkit):
   torch.stft(center=True) and a Gaussian window (see `gaussian_window`)
 - magnitude frames fed to the VAE: (frames, bins) rows, log1p-compressed then min-max scaled
 """
+import heapq
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -345,14 +347,516 @@ def load_vae(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase reconstruction
+# Phase reconstruction (offline: Griffin-Lim, PGHI; streaming: RTPGHI, random) and streaming STFT/ISTFT
+
+TWO_PI = 2.0 * math.pi
 
 
-def reconstruct_audio(mag, n_fft, hop, method="griffin_lim", iters=32):
-    """Audio from a magnitude spectrogram (..., bins, frames) -> (..., samples)."""
-    angles = torch.exp(2j * math.pi * torch.rand(mag.shape))
-    spec = mag * angles
+# ----------------------------------------------------------------------------------------------
+# Quality measure
+
+def spectral_convergence(x, y):
+    """Spectral convergence in dB, 20·log10(‖|x|−|y|‖ / ‖|x|‖); x is the TARGET (reference).
+
+    x, y: magnitudes (or complex spectra, their modulus is taken) of the same shape
+    (..., bins, frames). Lower is better: −20 dB means a 10 % relative error.
+    """
+    x = x.abs().double() if x.is_complex() else x.double()
+    y = y.abs().double() if y.is_complex() else y.double()
+    error = torch.linalg.vector_norm(x - y)
+    reference = torch.linalg.vector_norm(x).clamp_min(1e-30)
+    return float(20.0 * torch.log10(error.clamp_min(1e-30) / reference))
+
+
+def spectral_convergence_audio(target_mag, audio, n_fft, hop):
+    """SC (dB) of |stft(audio)| against the target magnitude (..., bins, frames)."""
+    mag = stft(audio, n_fft, hop).abs()  # (..., bins, frames')
+    frames = min(mag.shape[-1], target_mag.shape[-1])
+    return spectral_convergence(target_mag[..., :frames], mag[..., :frames])
+
+
+def _default_length(mag, hop, length):
+    return (mag.shape[-1] - 1) * hop if length is None else length
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast Griffin-Lim
+
+def griffin_lim(mag, n_fft, hop, iters=100, momentum=0.99, init_phase=None, length=None):
+    """Fast Griffin-Lim (Perraudin et al. 2013): magnitude (..., bins, frames) -> audio (..., samples).
+
+    t_i = P_mag(stft(istft(c_{i-1}))),  c_i = t_i + momentum·(t_i − t_{i-1}).
+    init_phase: (..., bins, frames) radians (torch convention); None = seeded random phase.
+    length: output samples, default (frames − 1)·hop.
+    """
+    mag = mag.float()
+    length = _default_length(mag, hop, length)
+    window = gaussian_window(n_fft).to(mag.device)
+    if init_phase is None:
+        generator = torch.Generator().manual_seed(0)
+        init_phase = TWO_PI * torch.rand(mag.shape, generator=generator).to(mag.device)
+    consistent = torch.polar(mag, init_phase.to(mag))  # t_i: (..., bins, frames) complex
+    accelerated = consistent  # c_i
     for _ in range(iters):
-        audio = istft(spec, n_fft, hop)
-        spec = mag * torch.exp(1j * torch.angle(stft(audio, n_fft, hop)))
-    return istft(spec, n_fft, hop)
+        rebuilt = stft(istft(accelerated, n_fft, hop, length=length, window=window), n_fft, hop,
+                       window=window)  # (..., bins, frames)
+        projected = mag * rebuilt / rebuilt.abs().clamp_min(1e-12)
+        accelerated = projected + momentum * (projected - consistent)
+        consistent = projected
+    return istft(consistent, n_fft, hop, length=length, window=window)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline PGHI
+
+def _pghi_derivatives(logmag, n_fft, hop):
+    """Phase derivatives (centred convention) from ln|X| (bins, frames) float64 numpy.
+
+    Returns (per-frame advance φ_t, per-bin advance φ_ω), both (bins, frames).
+    """
+    lam = gaussian_lambda(n_fft)
+    bins = logmag.shape[0]
+    # ∂s/∂m, centred; |X| is even in frequency for real signals, so mirror at DC and Nyquist
+    padded = np.concatenate([logmag[1:2], logmag, logmag[bins - 2:bins - 1]], axis=0)
+    ds_dm = 0.5 * (padded[2:] - padded[:-2])  # (bins, frames)
+    # ∂s/∂n, centred inside, one-sided at the ends
+    ds_dn = np.gradient(logmag, axis=1) if logmag.shape[1] > 1 else np.zeros_like(logmag)
+    bin_advance = np.mod(TWO_PI * hop * np.arange(bins) / n_fft, TWO_PI)[:, None]  # (bins, 1)
+    dphi_t = (hop * n_fft / lam) * ds_dm + bin_advance
+    dphi_w = -(lam / (hop * n_fft)) * ds_dn
+    return dphi_t, dphi_w
+
+
+def _heap_integrate(logmag, dphi_t, dphi_w, significant, rng):
+    """Heap integration of PGHI (Algorithm 1 of Průša et al. 2017) on one (bins, frames) plane.
+
+    Coefficients are visited from the largest down; each newly reached neighbour gets the
+    trapezoid-integrated phase. Insignificant coefficients keep a random phase.
+    """
+    bins, frames = logmag.shape
+    phase = rng.uniform(0.0, TWO_PI, size=bins * frames).tolist()
+    neg_s = (-logmag).ravel().tolist()  # flat index i = m·frames + n
+    dt = dphi_t.ravel().tolist()
+    dw = dphi_w.ravel().tolist()
+    done = bytearray((~significant).ravel().astype(np.uint8).tobytes())
+    flat_sig = np.flatnonzero(significant.ravel())
+    order = flat_sig[np.argsort(logmag.ravel()[flat_sig], kind="stable")[::-1]].tolist()
+    heappush, heappop = heapq.heappush, heapq.heappop
+    last_frame = frames - 1
+    size = bins * frames
+    for start in order:
+        if done[start]:
+            continue
+        done[start] = 1
+        phase[start] = 0.0
+        heap = [(neg_s[start], start)]
+        while heap:
+            _, i = heappop(heap)
+            p = phase[i]
+            n = i % frames
+            if n < last_frame:  # next frame
+                j = i + 1
+                if not done[j]:
+                    phase[j] = p + 0.5 * (dt[i] + dt[j])
+                    done[j] = 1
+                    heappush(heap, (neg_s[j], j))
+            if n > 0:  # previous frame
+                j = i - 1
+                if not done[j]:
+                    phase[j] = p - 0.5 * (dt[i] + dt[j])
+                    done[j] = 1
+                    heappush(heap, (neg_s[j], j))
+            j = i + frames  # next bin
+            if j < size and not done[j]:
+                phase[j] = p + 0.5 * (dw[i] + dw[j])
+                done[j] = 1
+                heappush(heap, (neg_s[j], j))
+            j = i - frames  # previous bin
+            if j >= 0 and not done[j]:
+                phase[j] = p - 0.5 * (dw[i] + dw[j])
+                done[j] = 1
+                heappush(heap, (neg_s[j], j))
+    return np.asarray(phase).reshape(bins, frames)
+
+
+def pghi(mag, n_fft, hop, refine_iters=0, tol=1e-5, seed=0):
+    """Offline PGHI phase (Průša, Balazs, Søndergaard 2017): mag (..., bins, frames) -> phase, same shape.
+
+    Phase in radians, torch.stft convention. Coefficients below tol·max (per signal) get a
+    random phase. refine_iters > 0 runs that many fast Griffin-Lim iterations initialised with
+    the PGHI phase and returns the refined phase.
+    """
+    shape = mag.shape
+    planes = mag.detach().reshape((-1,) + shape[-2:]).double().cpu().numpy()  # (batch, bins, frames)
+    bins = shape[-2]
+    rng = np.random.default_rng(seed)
+    torch_shift = np.pi * (np.arange(bins) % 2)[:, None]  # centred -> torch convention, (bins, 1)
+    phases = []
+    for plane in planes:
+        peak = plane.max()
+        floor = max(peak, 1e-30) * 1e-12
+        logmag = np.log(np.maximum(plane, floor))
+        significant = plane > tol * peak
+        dphi_t, dphi_w = _pghi_derivatives(logmag, n_fft, hop)
+        phase = _heap_integrate(logmag, dphi_t, dphi_w, significant, rng)
+        phases.append(np.mod(phase + torch_shift, TWO_PI))
+    phase = torch.from_numpy(np.stack(phases)).float().reshape(shape).to(mag.device)
+    if refine_iters > 0:
+        audio = griffin_lim(mag, n_fft, hop, iters=refine_iters, init_phase=phase)
+        phase = torch.angle(stft(audio, n_fft, hop))[..., :shape[-1]]
+    return phase
+
+
+def reconstruct_audio(mag, n_fft, hop, method="pghi", iters=100, length=None, tol=1e-5):
+    """Magnitude (..., bins, frames) -> audio (..., samples) by one of the phase methods.
+
+    method: 'pghi' (iters = fast-GL refinement iterations, 0 for plain PGHI), 'griffin_lim'
+    (iters = fast-GL iterations), 'rtpghi', 'rtpghi_lookahead' (streaming module run offline,
+    output re-aligned), 'random'.
+    """
+    mag = mag.float()
+    length = _default_length(mag, hop, length)
+    if method == "griffin_lim":
+        return griffin_lim(mag, n_fft, hop, iters=iters, length=length)
+    if method == "pghi":
+        phase = pghi(mag, n_fft, hop, tol=tol)
+        if iters > 0:
+            return griffin_lim(mag, n_fft, hop, iters=iters, init_phase=phase, length=length)
+        return istft(torch.polar(mag, phase), n_fft, hop, length=length)
+    if method in ("rtpghi", "rtpghi_lookahead", "random"):
+        shape = mag.shape
+        frames = mag.reshape((-1,) + shape[-2:])  # (batch, bins, frames)
+        module = StreamingPhase(n_fft, hop, lookahead=method == "rtpghi_lookahead")
+        delay = module.delay_frames
+        if delay > 0:  # flush the look-ahead with copies of the last frame
+            frames = torch.cat([frames] + [frames[..., -1:]] * delay, dim=-1)
+        spec = module(frames, 1 if method == "random" else 0)[..., delay:]  # (batch, bins, frames)
+        return istft(spec.reshape(shape[:-2] + spec.shape[-2:]), n_fft, hop, length=length)
+    raise ValueError(f"unknown phase method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming (TorchScript) modules
+
+class StreamingPhase(nn.Module):
+    """Frame-by-frame phase for magnitude frames; TorchScript-able, chunking-invariant.
+
+    forward(mag (batch, bins, n_frames), mode) -> complex spectrum (batch, bins, n_frames)
+      mode 0: RTPGHI (Průša & Holighaus 2017, "Phase vocoder done right"), vectorised: per frame,
+              local maxima of ln|X| take the phase of the previous frame advanced by the
+              trapezoid of the time-direction derivative φ_t; every other bin is integrated
+              (trapezoid cumulative sum of φ_ω) from the peak whose basin it lies in (basins are
+              delimited by local minima: the order in which a heap would reach them).
+              Bins below tol·(frame max) get a pseudo-random phase.
+      mode 1: pseudo-random phase (counter-based hash of seed, frame counter and bin; the same for
+              every batch entry, so each entry's output depends only on its own input).
+
+    φ_ω needs ∂s/∂n (s = ln|X|).
+    lookahead=True: centred difference (s(n+1) − s(n−1))/2, so frame n can only be produced
+      when frame n+1 arrives: output frame j is input frame j − 1 (delay_frames = 1, one hop of
+      extra latency; the very first output frame is silent).
+    lookahead=False (causal, delay_frames = 0): a plain backward difference is first-order and
+      fails on moving partials (−10 dB on a fast chirp at 2048/512), so ∂s/∂n comes from a local
+      ridge model s(m, n) ≈ h(n) + f(m − q(n)) around each peak: ∂s/∂n ≈ Δh − (∂s/∂m)·Δq, with the
+      peak's parabolic-interpolated height h and position q differenced against the previous
+      frame's peak whose basin contains the current one (exact for linear chirps).
+    Random mode goes through the same delay, so switching modes never shifts the stream.
+
+    State (per batch entry) lives in buffers; a batch-size change resets it (`reset(batch)`).
+    """
+
+    def __init__(self, n_fft: int, hop: int, lookahead: bool = False, tol: float = 1e-5, seed: int = 0):
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.bins = n_fft // 2 + 1
+        self.lookahead = lookahead
+        self.delay_frames = 1 if lookahead else 0
+        self.tol = tol
+        self.seed = seed
+        lam = gaussian_lambda(n_fft)
+        self.time_coef = hop * n_fft / lam  # φ_t = time_coef · ∂s/∂m + bin_advance
+        self.freq_coef = -lam / (hop * n_fft)  # φ_ω = freq_coef · ∂s/∂n
+        bins_f64 = torch.arange(self.bins, dtype=torch.float64)
+        self.register_buffer("bin_advance", torch.remainder(TWO_PI * hop * bins_f64 / n_fft, TWO_PI).float(),
+                             persistent=False)  # (bins,) 2π·a·m/M mod 2π
+        self.register_buffer("torch_sign", (1.0 - 2.0 * (torch.arange(self.bins) % 2)).float(),
+                             persistent=False)  # (bins,) (−1)^m: centred -> torch.stft phase
+        self.register_buffer("bin_index", torch.arange(self.bins), persistent=False)  # (bins,) int64
+        self.register_buffer("bin_float", torch.arange(self.bins).float(), persistent=False)  # (bins,)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("random_table", TWO_PI * torch.rand(65536, generator=generator),
+                             persistent=False)  # (2¹⁶,) phases for the counter-based random phase
+        self.register_buffer("bin_offset", torch.randint(0, 65536, (self.bins,), generator=generator),
+                             persistent=False)  # (bins,) int64
+        # streaming state, sized per batch in reset()
+        self.register_buffer("prev_logmag", torch.zeros(1, 2, self.bins), persistent=False)  # (batch, 2, bins) s(n−2), s(n−1)
+        self.register_buffer("pending_mag", torch.zeros(1, 1, self.bins), persistent=False)  # (batch, 1, bins) look-ahead
+        self.register_buffer("prev_phase", torch.zeros(1, self.bins), persistent=False)  # (batch, bins)
+        self.register_buffer("prev_dphi_t", torch.zeros(1, self.bins), persistent=False)  # (batch, bins)
+        self.register_buffer("prev_ridge_pos", torch.zeros(1, self.bins), persistent=False)  # (batch, bins) q of owner
+        self.register_buffer("prev_ridge_height", torch.zeros(1, self.bins), persistent=False)  # (batch, bins) h of owner
+        self.register_buffer("frame_count", torch.zeros(1, dtype=torch.long), persistent=False)  # frames output
+        self.started = False
+        self.ridge_valid = False
+        self.reset(1)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        """Clear the state and size it for `batch` streams."""
+        device = self.bin_advance.device
+        self.prev_logmag = torch.zeros(batch, 2, self.bins, device=device)
+        self.pending_mag = torch.zeros(batch, 1, self.bins, device=device)
+        self.prev_phase = torch.zeros(batch, self.bins, device=device)
+        self.prev_dphi_t = self.bin_advance.unsqueeze(0).repeat(batch, 1)
+        self.prev_ridge_pos = torch.zeros(batch, self.bins, device=device)
+        self.prev_ridge_height = torch.zeros(batch, self.bins, device=device)
+        self.frame_count = torch.zeros(1, dtype=torch.long, device=device)
+        self.started = False
+        self.ridge_valid = False
+
+    def _random_phase(self, batch: int, n_frames: int) -> torch.Tensor:
+        """Counter-based pseudo-random phase in [0, 2π): (batch, n_frames, bins).
+
+        Frame f, bin m reads random_table[(bin_offset[m] + f·0x9E3779B1) mod 2¹⁶]: a function of
+        the frame counter only, hence the same whatever the chunking."""
+        frame_ids = self.frame_count + torch.arange(n_frames, device=self.frame_count.device)  # (n_frames,)
+        index = (frame_ids.view(n_frames, 1) * 0x9E3779B1 + self.bin_offset) & 0xFFFF  # (n_frames, bins)
+        phase = self.random_table.index_select(0, index.view(-1)).view(n_frames, self.bins)
+        return phase.unsqueeze(0).expand(batch, n_frames, self.bins)
+
+    def forward(self, mag: torch.Tensor, mode: int = 0) -> torch.Tensor:
+        if mag.size(1) != self.bins:
+            raise ValueError("StreamingPhase: wrong number of bins")
+        batch = mag.size(0)
+        n_frames = mag.size(2)
+        if batch != self.prev_phase.size(0):
+            self.reset(batch)
+        frames = mag.float().transpose(1, 2).contiguous()  # (batch, n_frames, bins)
+        logmag = torch.log(frames.clamp_min(1e-10))  # (batch, n_frames, bins)
+        ds_dn: Optional[torch.Tensor] = None
+        if self.lookahead:
+            if not self.started:
+                self.prev_logmag = logmag[:, :1].expand(-1, 2, -1).contiguous()
+            history = torch.cat([self.prev_logmag, logmag], dim=1)  # (batch, 2 + n_frames, bins)
+            # frames processed now: the pending one and all new ones but the last
+            out_mag = torch.cat([self.pending_mag, frames[:, :-1]], dim=1)  # (batch, n_frames, bins)
+            out_log = history[:, 1:-1]  # s(n) of the processed frames
+            ds_dn = 0.5 * (history[:, 2:] - history[:, :-2])  # centred time difference
+            self.pending_mag = frames[:, -1:]
+            self.prev_logmag = history[:, -2:]
+        else:
+            out_mag = frames
+            out_log = logmag
+        self.started = True
+        random_phase = self._random_phase(batch, n_frames)  # (batch, n_frames, bins)
+        if mode == 1:
+            phase = random_phase
+            self.prev_phase = phase[:, -1]
+            self.prev_dphi_t = self.bin_advance.unsqueeze(0).repeat(batch, 1)
+            self.ridge_valid = False
+        else:
+            phase = self._rtpghi(out_mag, out_log, ds_dn, random_phase)
+        self.frame_count = self.frame_count + n_frames
+        spec = torch.polar(out_mag * self.torch_sign, phase)  # (batch, n_frames, bins)
+        return spec.transpose(1, 2)  # (batch, bins, n_frames)
+
+    def _rtpghi(self, mag: torch.Tensor, logmag: torch.Tensor, ds_dn: Optional[torch.Tensor],
+                random_phase: torch.Tensor) -> torch.Tensor:
+        """RTPGHI phase (centred convention) of frames (batch, n_frames, bins)."""
+        batch, n_frames, bins = mag.size(0), mag.size(1), mag.size(2)
+        # neighbours along bins, mirrored at DC and Nyquist (|X| is even in frequency)
+        padded = torch.cat([logmag[:, :, 1:2], logmag, logmag[:, :, bins - 2:bins - 1]], dim=2)
+        below, above = padded[:, :, :-2], padded[:, :, 2:]  # s(m−1), s(m+1)
+        ds_dm = 0.5 * (above - below)  # (batch, n_frames, bins)
+        dphi_t = self.time_coef * ds_dm + self.bin_advance  # phase advance per frame
+        # peaks and valleys of ln|X| along bins (strictly alternating; outside is −∞)
+        rising = logmag[:, :, 1:] > logmag[:, :, :-1]  # (batch, n_frames, bins − 1): s[m+1] > s[m]
+        true_col = torch.ones_like(rising[:, :, :1])
+        rising_into = torch.cat([true_col, rising], dim=2)  # s[m] > s[m−1]
+        rising_out = torch.cat([rising, ~true_col], dim=2)  # s[m+1] > s[m]
+        is_peak = rising_into & ~rising_out
+        is_valley = ~rising_into & rising_out
+        index = self.bin_index.view(1, 1, bins).expand(batch, n_frames, bins)
+        minus_one = torch.full_like(index, -1)
+        last_peak = torch.cummax(torch.where(is_peak, index, minus_one), dim=2)[0]
+        last_valley = torch.cummax(torch.where(is_valley, index, minus_one), dim=2)[0]
+        reversed_peaks = torch.where(is_peak, bins - 1 - index, minus_one).flip(2)
+        next_peak = (bins - 1) - torch.cummax(reversed_peaks, dim=2)[0].flip(2)
+        owner = torch.where(last_peak > last_valley, last_peak, next_peak)  # (batch, n_frames, bins)
+        if ds_dn is None:
+            # causal ridge model: parabolic vertex (position q, height h) of each bin's peak
+            # (only read at peaks, where the curvature is ≤ 0; a flat top gives a clamped shift)
+            curvature = (below - 2.0 * logmag + above).clamp_max(-1e-6)
+            shift = (0.5 * (below - above) / curvature).clamp(-1.0, 1.0)  # vertex offset in bins
+            ridge_pos = torch.gather(self.bin_float + shift, 2, owner)  # (batch, n_frames, bins)
+            ridge_height = torch.gather(logmag - 0.25 * (below - above) * shift, 2, owner)
+            if not self.ridge_valid:
+                self.prev_ridge_pos = ridge_pos[:, 0]
+                self.prev_ridge_height = ridge_height[:, 0]
+                self.ridge_valid = True
+            # previous frame's ridge for each current peak: the one whose basin held that bin
+            prev_pos = torch.cat([self.prev_ridge_pos.unsqueeze(1), ridge_pos[:, :-1]], dim=1)
+            prev_height = torch.cat([self.prev_ridge_height.unsqueeze(1), ridge_height[:, :-1]], dim=1)
+            moved = torch.gather(ridge_pos - prev_pos, 2, owner)  # Δq of the owner peak
+            grown = torch.gather(ridge_height - prev_height, 2, owner)  # Δh of the owner peak
+            ds_dn = grown - ds_dm * moved
+            self.prev_ridge_pos = ridge_pos[:, -1]
+            self.prev_ridge_height = ridge_height[:, -1]
+        dphi_w = self.freq_coef * ds_dn  # phase advance per bin
+        # cumulative trapezoid of φ_ω along bins: phase(m) − phase(peak) = C[m] − C[peak]
+        steps = 0.5 * (dphi_w[:, :, 1:] + dphi_w[:, :, :-1])  # (batch, n_frames, bins − 1)
+        cumulative = torch.cat([torch.zeros_like(dphi_w[:, :, :1]), torch.cumsum(steps, dim=2)], dim=2)
+        # phase(m, n) = phase(owner, n−1) + trapezoid_t(owner) + C[m] − C[owner]
+        prev_dphi_t = torch.cat([self.prev_dphi_t.unsqueeze(1), dphi_t[:, :-1]], dim=1)
+        time_step = 0.5 * (prev_dphi_t + dphi_t)  # (batch, n_frames, bins)
+        offset = torch.gather(time_step - cumulative, 2, owner) + cumulative
+        # bins below tol·(frame max) take the random phase: phase = keep·phase(owner, n−1) + offset
+        small = mag < self.tol * mag.amax(dim=2, keepdim=True)  # (batch, n_frames, bins)
+        keep = (~small).float()
+        offset = torch.where(small, random_phase, offset)
+        phase = self.prev_phase  # (batch, bins)
+        phases = []
+        for t in range(n_frames):
+            phase = torch.gather(phase, 1, owner[:, t]) * keep[:, t] + offset[:, t]
+            phase = phase - (2.0 * math.pi) * torch.floor(phase * (0.5 / math.pi))  # wrap to [0, 2π)
+            phases.append(phase)
+        self.prev_phase = phase
+        self.prev_dphi_t = dphi_t[:, -1]
+        return torch.stack(phases, dim=1)  # (batch, n_frames, bins)
+
+
+class StreamingSTFT(nn.Module):
+    """Buffer-by-buffer analysis, equal to `stft` (center=True) frames after a fixed delay.
+
+    forward(audio (batch, k·hop)) -> complex frames (batch, bins, k).
+    The stream is zero-padded at its start (offline `stft` reflect-pads), so only the first
+    ceil(n_fft/2/hop) offline frames differ. Output frame j of the stream equals offline frame
+    j − delay_frames, delay_frames = ceil(n_fft / (2·hop)) − 1 (1 at n_fft = 4·hop); in samples
+    `latency` = delay_frames·hop.
+    """
+
+    def __init__(self, n_fft: int, hop: int):
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.bins = n_fft // 2 + 1
+        self.delay_frames = (n_fft // 2 + hop - 1) // hop - 1
+        self.latency = self.delay_frames * hop
+        self.history_len = self.delay_frames * hop + n_fft // 2  # zeros ahead of the stream
+        self.register_buffer("window", gaussian_window(n_fft), persistent=False)  # (n_fft,)
+        self.register_buffer("history", torch.zeros(1, self.history_len), persistent=False)  # (batch, history_len)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        self.history = torch.zeros(batch, self.history_len, device=self.window.device)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        batch = audio.size(0)
+        n_samples = audio.size(-1)
+        if n_samples % self.hop != 0:
+            raise ValueError("StreamingSTFT: buffer length must be a multiple of hop")
+        if batch != self.history.size(0):
+            self.reset(batch)
+        n_frames = n_samples // self.hop
+        stream = torch.cat([self.history, audio.reshape(batch, n_samples).float()], dim=1)
+        frames = stream.unfold(1, self.n_fft, self.hop)[:, :n_frames]  # (batch, k, n_fft)
+        spec = torch.fft.rfft(frames * self.window, dim=2)  # (batch, k, bins)
+        self.history = stream[:, stream.size(1) - self.history_len:]
+        return spec.transpose(1, 2)  # (batch, bins, k)
+
+
+class StreamingISTFT(nn.Module):
+    """Frame-by-frame overlap-add synthesis with the dual window g/Σg² (as `istft`).
+
+    forward(spec (batch, bins, n_frames) complex) -> audio (batch, n_frames·hop) float32.
+    Sample i of the output stream equals offline istft sample i − latency, latency = n_fft/2
+    (the accumulator releases a hop of samples once every frame overlapping them has arrived).
+    The envelope Σg² is the steady-state one (an endless stream): only the first n_fft/2 offline
+    samples differ, where torch.istft normalises by an envelope lacking the frames before 0.
+    End to end, StreamingSTFT -> StreamingISTFT delays audio by n_fft − hop samples
+    (StreamingSTFT.latency + StreamingISTFT.latency), plus StreamingPhase.delay_frames·hop.
+    """
+
+    def __init__(self, n_fft: int, hop: int):
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.bins = n_fft // 2 + 1
+        self.latency = n_fft // 2
+        window = gaussian_window(n_fft).double()
+        envelope = torch.zeros(hop, dtype=torch.float64)
+        for shift in range(0, n_fft, hop):  # Σ_q g²(r + q·hop) for r in [0, hop)
+            part = window[shift:shift + hop] ** 2
+            envelope[:part.numel()] += part
+        self.register_buffer("window", window.float(), persistent=False)  # (n_fft,)
+        self.register_buffer("inv_envelope", (1.0 / envelope).float(), persistent=False)  # (hop,)
+        self.register_buffer("accumulator", torch.zeros(1, n_fft), persistent=False)  # (batch, n_fft)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        self.accumulator = torch.zeros(batch, self.n_fft, device=self.window.device)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        batch = spec.size(0)
+        n_frames = spec.size(2)
+        if batch != self.accumulator.size(0):
+            self.reset(batch)
+        frames = torch.fft.irfft(spec.transpose(1, 2), n=self.n_fft, dim=2) * self.window  # (batch, k, n_fft)
+        accumulator = self.accumulator
+        zeros = torch.zeros(batch, self.hop, device=accumulator.device)
+        outputs = []
+        for t in range(n_frames):
+            accumulator = accumulator + frames[:, t]
+            outputs.append(accumulator[:, :self.hop] * self.inv_envelope)
+            accumulator = torch.cat([accumulator[:, self.hop:], zeros], dim=1)
+        self.accumulator = accumulator
+        return torch.cat(outputs, dim=1)  # (batch, n_frames·hop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one format for every script. A plain dict of tensors and Python scalars/dicts
+# (no pickled classes), written atomically, read with torch.load(weights_only=True).
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def save_checkpoint(path, checkpoint):
+    """Write `checkpoint` (a dict) to `path` through a temporary file and an atomic rename."""
+    import os
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    import os
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def build_vae(config):
+    """A SpectralVAE from a run's resolved config."""
+    m, t = config["model"], config["data"]["transform"]
+    return SpectralVAE(bins=t["n_fft"] // 2 + 1, latent_dim=m["latent_dim"], architecture=m["architecture"],
+                       encoder_hidden=m["encoder_hidden"], decoder_hidden=m["decoder_hidden"], conv=m["conv"],
+                       conditioning=m["conditioning"], prediction=m["prediction"])
+
+
+def load_vae(path):
+    """(model in eval mode, checkpoint dict) from a checkpoint file written by train_vae.py."""
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path}: not a VAE checkpoint of this toolkit (no config/model entries)")
+    model = build_vae(checkpoint["config"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
+    return model.eval(), checkpoint

@@ -200,11 +200,11 @@ def log_examples(writer, model, frames, config, step, device, max_frames=400):
     x_hat = model.decode(mean, cond)
     image = torch.cat([x.t().flip(0), torch.ones(x.shape[1], 2, device=device), x_hat.t().flip(0)], dim=1)  # (bins, 2·frames + 2), low bins at the bottom
     writer.add_image("valid/spectrogram_original_vs_reconstruction", image.clamp(0, 1).unsqueeze(0).cpu(), step)
-    audio = models.reconstruct_audio(model.denormalize(x_hat).t().cpu(), t["n_fft"], t["hop"])
+    audio = models.reconstruct_audio(model.denormalize(x_hat).t().cpu(), t["n_fft"], t["hop"], "pghi", iters=10)
     writer.add_audio("valid/reconstruction", (audio / audio.abs().max().clamp(min=1.0)).unsqueeze(0), step,
                      sample_rate=t["sr"])
     if step == 0 or not getattr(log_examples, "logged_original", False):
-        original = models.reconstruct_audio(mags.t().cpu(), t["n_fft"], t["hop"])
+        original = models.reconstruct_audio(mags.t().cpu(), t["n_fft"], t["hop"], "pghi", iters=10)
         writer.add_audio("valid/original_magnitude_resynthesis",
                          (original / original.abs().max().clamp(min=1.0)).unsqueeze(0), step, sample_rate=t["sr"])
         log_examples.logged_original = True

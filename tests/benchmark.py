@@ -1,0 +1,194 @@
+"""Speed and quality figures of the toolkit (a plain script, not a pytest test).
+
+    .venv/bin/python tests/benchmark.py                 # every section
+    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase
+    .venv/bin/python tests/benchmark.py --json out.json
+
+Timings set their thread count explicitly; compare ratios measured in one run (shared machines
+are noisy). Every section prints a small table; --json writes all figures to one file.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import models  # noqa: E402
+import train_vae  # noqa: E402
+from make_demo_data import write_demo_dataset  # noqa: E402
+from signals import phase_test_signal  # noqa: E402
+
+
+def table(title, rows):
+    print(f"\n== {title}")
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def load_frames(config, root, files, cache):
+    callbacks = config["data"]["dataset"]["metadata_callbacks"]
+    _, metadata = data.scan_dataset(root, None, callbacks)
+    return data.FrameSet(root, files, metadata, callbacks, config["data"]["transform"], cache, progress=False)
+
+
+def bench_vae_training(results, workdir, threads=2, steps=60):
+    """Training throughput in spectral frames per second for dgt_mid on CPU."""
+    torch.set_num_threads(threads)
+    root = workdir / "bench_data"
+    if not (root / "data").exists():
+        write_demo_dataset(root, n_files=24, seconds=2.5)
+    rows = []
+    for name in ("dgt_mid", "dgt_normal"):
+        _, config = train_vae.parse_args(["--config-name", name, f"+data.dataset.root={root}"])
+        files, _ = data.scan_dataset(root)
+        frames = load_frames(config, root, files, workdir / "cache")
+        model = models.build_vae(config)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        bs = config["train"]["batch_size"]
+        labels = {}
+        for step in range(steps + 5):
+            if step == 5:
+                start = time.perf_counter()  # a few warm-up steps first
+            idx = torch.randint(0, len(frames), (bs,))
+            losses = train_vae.compute_losses(model, frames.mags[idx], labels, config, step, augment=True)
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            optimizer.step()
+        fps = steps * bs / (time.perf_counter() - start)
+        results[f"train_frames_per_s_{name}_{threads}threads"] = fps
+        rows.append((f"{name} ({threads} threads, batch {bs})", f"{fps:,.0f} frames/s"))
+    table("VAE training throughput (CPU)", rows)
+
+
+def sc_db(reference, estimate):
+    """Spectral convergence in dB of linear magnitudes, (frames, bins)."""
+    return 20 * np.log10(np.linalg.norm(reference - estimate) / np.linalg.norm(reference))
+
+
+def bench_vae_vs_pca(results, workdir, threads=2, steps=3000):
+    """Reconstruction of held-out files: VAE (posterior mean) vs PCA with the same latent size.
+
+    Both work on the same normalised log-magnitude frames and are scored on linear magnitudes
+    (spectral convergence, dB, lower is better) and on log-magnitudes (mean absolute error)."""
+    torch.set_num_threads(threads)
+    root = workdir / "pca_data"
+    if not (root / "data").exists():
+        write_demo_dataset(root, n_files=30, seconds=2.5, seed=1)
+    run = train_vae.main(["--config-name", "dgt_mid", f"rundir={workdir / 'runs'}", "name=pca",
+                          f"+data.dataset.root={root}", f"train.max_steps={steps}",
+                          f"train.val_every={steps}", f"train.log_every={steps // 5}",
+                          "data.valid_fraction=0.2"])
+    model, checkpoint = models.load_vae(run / "last.pt")
+    config = checkpoint["config"]
+    split = json.loads((run / "split.json").read_text())
+    train = load_frames(config, root, split["train"], Path(config["rundir"]) / "cache")
+    valid = load_frames(config, root, split["valid"], Path(config["rundir"]) / "cache")
+    with torch.no_grad():
+        x_train, x_valid = model.normalize(train.mags), model.normalize(valid.mags)
+        mean, _ = model.encode(x_valid)
+        vae_mag = model.denormalize(model.decode(mean)).numpy()
+    k = config["model"]["latent_dim"]
+    centre = x_train.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
+    basis = v[:k]  # (k, bins): the first k principal axes
+    pca_x = (x_valid - centre) @ basis.t() @ basis + centre
+    pca_mag = model.denormalize(pca_x).numpy()
+    ref = valid.mags.numpy()
+    rows = []
+    for name, est, x_hat in (("VAE", vae_mag, None), ("PCA", pca_mag, pca_x)):
+        sc = sc_db(ref, est)
+        log_err = float(np.abs(np.log1p(ref) - np.log1p(np.maximum(est, 0))).mean())
+        results[f"heldout_sc_db_{name.lower()}"] = sc
+        results[f"heldout_log_l1_{name.lower()}"] = log_err
+        rows.append((f"{name} (latent {k})", f"SC {sc:6.2f} dB   log-magnitude L1 {log_err:.4f}"))
+    rows.append(("held-out files / frames", f"{len(valid.files)} / {len(valid)}"))
+    table(f"held-out reconstruction, dgt_mid, {steps} training steps", rows)
+
+
+def _time_streaming(module, mag, chunk, repeats=3):
+    """µs per frame of `module(mag chunk, mode)` fed in chunks of `chunk` frames (best of repeats)."""
+    best = float("inf")
+    n_frames = mag.shape[-1] - mag.shape[-1] % chunk
+    for _ in range(repeats):
+        module.reset(mag.shape[0])
+        start = time.perf_counter()
+        for i in range(0, n_frames, chunk):
+            module(mag[..., i:i + chunk], 0)
+        best = min(best, (time.perf_counter() - start) / n_frames * 1e6)
+    return best
+
+
+def bench_phase(results, workdir=None, seconds=3.0, sr=44100):
+    """Spectral convergence of every phase method on `phase_test_signal` at 1024/256 and 2048/512,
+    and StreamingPhase cost (µs/frame, one thread, 2048/512). Prints a table, fills `results`."""
+    audio = phase_test_signal(sr, seconds)  # (samples,)
+    methods = [("random", "random", 0), ("griffin_lim_100", "griffin_lim", 100), ("pghi", "pghi", 0),
+               ("pghi_gl20", "pghi", 20), ("rtpghi", "rtpghi", 0), ("rtpghi_lookahead", "rtpghi_lookahead", 0)]
+    print(f"phase reconstruction, spectral convergence in dB (lower is better), {seconds:g} s tone+chirp")
+    print(f"{'method':<20}" + "".join(f"{f'{n}/{h}':>12}" for n, h in ((1024, 256), (2048, 512))))
+    table = {name: [] for name, _, _ in methods}
+    for n_fft, hop in ((1024, 256), (2048, 512)):
+        mag = models.stft(audio, n_fft, hop).abs()  # (bins, frames)
+        for name, method, iters in methods:
+            resynth = models.reconstruct_audio(mag, n_fft, hop, method=method, iters=iters, length=audio.numel())
+            sc = models.spectral_convergence_audio(mag, resynth, n_fft, hop)
+            results[f"phase_sc_db/{name}/{n_fft}_{hop}"] = sc
+            table[name].append(sc)
+        # the same signal without fades: the reflect-padded edge frames dominate (see phase_test_signal)
+        abrupt = phase_test_signal(sr, seconds, fade_seconds=0.0)
+        abrupt_mag = models.stft(abrupt, n_fft, hop).abs()
+        resynth = models.reconstruct_audio(abrupt_mag, n_fft, hop, method="pghi", iters=0, length=abrupt.numel())
+        sc = models.spectral_convergence_audio(abrupt_mag, resynth, n_fft, hop)
+        results[f"phase_sc_db/pghi_abrupt_edges/{n_fft}_{hop}"] = sc
+        table.setdefault("pghi_abrupt_edges", []).append(sc)
+    for name, values in table.items():
+        print(f"{name:<20}" + "".join(f"{v:12.1f}" for v in values))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n_fft, hop = 2048, 512
+        mag = models.stft(audio, n_fft, hop).abs().unsqueeze(0)  # (1, bins, frames)
+        print(f"StreamingPhase (TorchScript, 1 thread, {n_fft}/{hop}), µs per frame:")
+        for lookahead in (False, True):
+            module = torch.jit.script(models.StreamingPhase(n_fft, hop, lookahead=lookahead))
+            for chunk in (1, 4):
+                us = _time_streaming(module, mag, chunk)
+                key = f"streaming_phase_us_per_frame/{'lookahead' if lookahead else 'causal'}/chunk{chunk}"
+                results[key] = us
+                print(f"  {'lookahead' if lookahead else 'causal':<10} chunk {chunk:>2}: {us:8.1f}")
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="sections to run (default: all)")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--workdir", help="where to put synthetic data and runs (default: a temporary folder)")
+    args = parser.parse_args()
+    results = {"torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name in args.only or SECTIONS:
+            SECTIONS[name](results, workdir)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
