@@ -59,7 +59,7 @@ def write_demo_dataset(root, n_files=12, seconds=2.5, sr=44100, seed=0):
     for task, label in (("pitch", lambda m: m % 12), ("octave", lambda m: m // 12 - 1)):
         task_dir = root / "metadata" / task
         (task_dir / "tracks").mkdir(parents=True, exist_ok=True)
-        names = PITCH_NAMES if task == "pitch" else [str(o) for o in range(9)]
+        names = PITCH_NAMES if task == "pitch" else [f"O{o}" for o in range(8)]  # as extract_pitch.py
         (task_dir / "classes.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)))
         lines = []
         for rel, segments in written:

@@ -1,7 +1,7 @@
 """Speed and quality figures of the toolkit (a plain script, not a pytest test).
 
     .venv/bin/python tests/benchmark.py                 # every section
-    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase
+    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch
     .venv/bin/python tests/benchmark.py --json out.json
 
 Timings set their thread count explicitly; compare ratios measured in one run (shared machines
@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import extract_pitch  # noqa: E402
 import models  # noqa: E402
 import train_vae  # noqa: E402
 from make_demo_data import write_demo_dataset  # noqa: E402
@@ -170,7 +172,78 @@ def bench_phase(results, workdir=None, seconds=3.0, sr=44100):
     return results
 
 
-SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase}
+
+def synth_notes(seconds, sr, seed=0):
+    """Consecutive 0.5 s harmonic notes of random MIDI pitch 36..81 (65..880 Hz), random timbre and
+    vibrato, -50 dB noise floor. Returns audio and the MIDI note of each sample."""
+    rng = np.random.default_rng(seed)
+    audio, midi = [], []
+    for _ in range(int(seconds / 0.5)):
+        note = int(rng.integers(36, 82))
+        f = 440 * 2 ** ((note - 69) / 12)
+        t = np.arange(int(0.5 * sr)) / sr
+        inst = f * 2 ** (rng.uniform(0, 25) / 1200 * np.sin(2 * np.pi * rng.uniform(4, 6) * t))
+        phase = 2 * np.pi * np.cumsum(inst) / sr
+        amps = rng.uniform(0.2, 1, 8) / np.arange(1, 9) ** rng.uniform(0.5, 2)
+        x = sum(a * np.sin(k * phase) for k, a in enumerate(amps, 1) if k * f < sr / 2)
+        env = np.minimum(1, np.minimum(t / 0.01, (t[::-1]) / 0.03))
+        audio.append(0.3 * env * x / np.abs(x).max())
+        midi.append(np.full(t.size, note))
+    audio = np.concatenate(audio) + 10 ** (-50 / 20) * rng.standard_normal(sum(a.size for a in audio))
+    return audio.astype(np.float32), np.concatenate(midi)
+
+
+def accuracy(f0, midi_per_sample, hop, sr, note_len):
+    """Pitch-class and octave accuracy over the frames inside a note (30 ms away from its edges);
+    an unvoiced prediction counts as wrong."""
+    centres = np.arange(len(f0)) * hop
+    inside = centres < len(midi_per_sample)
+    pos = (centres[inside] / sr) % note_len
+    keep = (pos > 0.03) & (pos < note_len - 0.03)
+    truth = midi_per_sample[centres[inside][keep]]
+    pitch, octave = extract_pitch.frame_labels(f0[inside][keep])
+    return float(np.mean(pitch == truth % 12)), float(np.mean(octave == truth // 12 - 1))
+
+
+def bench_pitch(results, workdir=None, seconds=10.0, threads=2, hop=256, sr=44100, repeats=3):
+    """Fill results['pitch'] with throughput (audio-s per wall-s, best of `repeats` for tiny; the
+    process CPU time too) and pitch-class / octave accuracy rows; print a table."""
+    torch.set_num_threads(threads)
+    audio, midi = synth_notes(seconds, sr)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "notes.wav"
+        sf.write(path, audio, sr, subtype="FLOAT")
+        warm = Path(tmp) / "warm.wav"
+        sf.write(warm, audio[: sr // 2], sr, subtype="FLOAT")
+        configs = [("tiny", "tiny", []), ("tiny, crepe every hop", "tiny", ["--crepe-step", "0"]),
+                   ("full", "full", [])]
+        for name, model, extra in configs:
+            args = extract_pitch.parse_args([tmp, "--model", model, "--device", "cpu", "--hop", str(hop), *extra])
+            forward = extract_pitch.load_crepe(model, "cpu")
+            extract_pitch.analyse_file(warm, args, forward)
+            best = None
+            for _ in range(repeats if model == "tiny" else 1):  # best of N: the wall clock of a shared machine is noisy
+                start, cpu_start = time.perf_counter(), time.process_time()
+                f0, _, _ = extract_pitch.analyse_file(path, args, forward)
+                extract_pitch.frame_labels(f0)
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                if best is None or wall < best[0]:
+                    best = (wall, cpu, f0)
+            wall, cpu, f0 = best
+            pitch_acc, octave_acc = accuracy(f0, midi, hop, sr, 0.5)
+            rows[name] = {"audio_s_per_s": seconds / wall, "wall_s": wall, "cpu_s": cpu,
+                          "pitch_class_acc": pitch_acc, "octave_acc": octave_acc}
+    results["pitch"] = {"threads": threads, "hop": hop, "sr": sr, "audio_s": seconds, "rows": rows}
+    print(f"extract_pitch on CPU, {threads} threads, hop {hop} @ {sr} Hz, {seconds:.0f} s of notes")
+    print(f"{'config':<24}{'audio-s/s':>10}{'wall s':>8}{'cpu s':>7}{'pitch acc':>11}{'octave acc':>12}")
+    for name, r in rows.items():
+        print(f"{name:<24}{r['audio_s_per_s']:>10.2f}{r['wall_s']:>8.2f}{r['cpu_s']:>7.2f}"
+              f"{100 * r['pitch_class_acc']:>10.1f}%{100 * r['octave_acc']:>11.1f}%")
+    return results
+
+
+SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch}
 
 
 def main():
