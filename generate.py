@@ -1,0 +1,250 @@
+"""Generate sound with a trained VAE: reconstruct files, or walk trajectories in the latent space.
+
+    python generate.py reconstruct path_to_rundir --files a.wav some_folder/ --sr 44100 --out out/
+    python generate.py trajectories path_to_rundir --trajectories sin random line --sr 44100 -b 3 -s 512 --out out/
+
+path_to_rundir is a run folder (rundir/name: its latest version, or -v K), a version folder or a
+checkpoint file. `reconstruct` writes out/reconstructions/<relative path>.wav; `trajectories`
+writes out/trajectories/<type>_<i>.wav and the latent path as <type>_<i>.npy.
+
+Conditioning labels: --label TASK=VALUE (a class id or a name from classes.txt) fixes a label;
+otherwise a task with a predictor takes the predictor's guess frame by frame, and a task without
+one is an error asking for --label.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from data import UserError
+import models
+
+TRAJECTORIES = ("line", "sin", "square", "ellipse", "random")
+PHASES = ("pghi", "griffin_lim", "rtpghi", "random")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="{reconstruct,trajectories}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("run", help="run folder (rundir/name), version folder or checkpoint file")
+    common.add_argument("-v", "--version", type=int, help="version K of the run (default: the latest)")
+    common.add_argument("-n", "--name", default="last", help="checkpoint name in the version folder: last or best")
+    common.add_argument("--sr", type=int, help="sample rate of the written files (default: the model's)")
+    common.add_argument("--out", default="generations", help="output folder (default: generations/)")
+    common.add_argument("--phase", choices=PHASES, default="pghi",
+                        help="phase reconstruction (default pghi, refined by --iters fast Griffin-Lim iterations)")
+    common.add_argument("--iters", type=int, default=20, help="Griffin-Lim iterations (refinement for pghi)")
+    common.add_argument("--label", action="append", default=[], metavar="TASK=VALUE",
+                        help="force a conditioning label (repeatable)")
+    common.add_argument("--seed", type=int, default=0)
+    rec = modes.add_parser("reconstruct", parents=[common], help="pass audio files through the model",
+                           description="Encode and decode audio files (folders are searched recursively).")
+    rec.add_argument("--files", nargs="+", required=True, help="audio files and/or folders")
+    rec.add_argument("--temperature", type=float, default=0.0,
+                     help="latent sampling noise: 0 = posterior mean (default), 1 = a full posterior sample")
+    traj = modes.add_parser("trajectories", parents=[common], help="decode paths through the latent space",
+                            description="Decode latent trajectories: line (between two N(0,1) points), sin and "
+                                        "square (random amplitude/phase per dimension), ellipse, random (walk, σ 0.2).")
+    traj.add_argument("--trajectories", nargs="+", default=["line"], metavar="TYPE",
+                      help=f"any of {', '.join(TRAJECTORIES)}")
+    traj.add_argument("-b", "--batches", type=int, default=1, help="trajectories of each type")
+    traj.add_argument("-s", "--steps", type=int, default=512, help="latent frames per trajectory (one per hop)")
+    args = parser.parse_args(argv)
+    if args.mode == "trajectories":
+        unknown = [t for t in args.trajectories if t not in TRAJECTORIES]
+        if unknown:
+            parser.error(f"unknown trajectory type '{unknown[0]}' (choose from {', '.join(TRAJECTORIES)})")
+        if args.batches < 1 or args.steps < 2:
+            parser.error("need -b >= 1 and -s >= 2")
+    return args
+
+
+def load_run(args):
+    """(model, config) of the chosen checkpoint, with clear errors for a missing run or checkpoint."""
+    path = Path(args.run)
+    if path.is_file():
+        checkpoint = path
+    else:
+        version_dir = data.find_run_version(path, args.version)
+        checkpoint = version_dir / f"{args.name}.pt"
+        if not checkpoint.exists():
+            found = ", ".join(p.name for p in sorted(version_dir.glob("*.pt"))) or "none"
+            raise UserError(f"{version_dir}: no checkpoint '{args.name}.pt' (found: {found}); "
+                            "has this run trained long enough to validate once?")
+    model, saved = models.load_vae(checkpoint)
+    return model, saved["config"]
+
+
+def parse_labels(specs, model, config):
+    """--label TASK=VALUE list -> {task: class index}."""
+    root = config["data"]["dataset"]["root"]
+    out = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise UserError(f"--label {spec}: expected TASK=VALUE")
+        task, value = spec.split("=", 1)
+        if task not in model.task_dims:
+            known = ", ".join(model.task_dims) or "none"
+            raise UserError(f"--label {spec}: the model is not conditioned on '{task}' (conditioning tasks: {known})")
+        try:
+            index = int(value)
+        except ValueError:
+            classes_file = Path(root or "") / "metadata" / task / "classes.txt"
+            names = {n: i for i, n in data.read_classes(classes_file).items()} if classes_file.exists() else {}
+            if value not in names:
+                raise UserError(f"--label {spec}: '{value}' is neither a class id nor a name in {classes_file}") from None
+            index = names[value]
+        if not 0 <= index < model.task_dims[task]:
+            raise UserError(f"--label {spec}: class {index} outside 0..{model.task_dims[task] - 1}")
+        out[task] = index
+    return out
+
+
+def check_labels_available(model, fixed):
+    """Every conditioning task needs a fixed label or (decoder-only tasks) a predictor."""
+    for task in model.task_dims:
+        if task in fixed:
+            continue
+        if task in model.encoder_tasks:
+            raise UserError(f"the encoder is conditioned on '{task}': give it with --label {task}=VALUE")
+        if task not in model.predictors:
+            raise UserError(f"the decoder is conditioned on '{task}' and the model has no predictor for it: "
+                            f"give it with --label {task}=VALUE")
+
+
+def decoder_labels(model, z, fixed):
+    """Labels for decoding latent frames z (frames, latent): fixed ones, else predicted."""
+    logits = model.predict(z)
+    labels = {}
+    for task in model.task_dims:
+        if task in fixed:
+            labels[task] = torch.full((z.shape[0],), fixed[task], dtype=torch.long)
+        else:
+            labels[task] = logits[task].argmax(-1)
+    return labels
+
+
+def to_audio(model, x_hat, config, args):
+    """Normalised frames (frames, bins) -> audio at --sr (samples,)."""
+    t = config["data"]["transform"]
+    mag = model.denormalize(x_hat).t()  # (bins, frames)
+    audio = models.reconstruct_audio(mag, t["n_fft"], t["hop"], args.phase, iters=args.iters)
+    if args.sr and args.sr != t["sr"]:
+        import torchaudio
+        audio = torchaudio.functional.resample(audio, t["sr"], args.sr)
+    peak = audio.abs().max().item()
+    return audio / peak if peak > 1.0 else audio  # normalise only what would clip
+
+
+def output_names(inputs):
+    """Relative output names for files and folders: folder/sub/file for folders, file for files,
+    with a numeric suffix where two inputs would collide."""
+    pairs, used = [], set()
+    for item in inputs:
+        item = Path(item)
+        if not item.exists():
+            pairs.append((item, None))
+            continue
+        files = data.find_audio_files(item)
+        if item.is_dir() and not files:
+            print(f"warning: {item}: no audio files", file=sys.stderr)
+        for f in files:
+            rel = Path(item.name) / f.relative_to(item) if item.is_dir() else Path(f.name)
+            rel = rel.with_suffix(".wav")
+            candidate, k = rel, 1
+            while candidate.as_posix() in used:
+                candidate = rel.with_name(f"{rel.stem}_{k}.wav")
+                k += 1
+            used.add(candidate.as_posix())
+            pairs.append((f, candidate))
+    return pairs
+
+
+@torch.no_grad()
+def reconstruct(model, config, args, fixed):
+    t = config["data"]["transform"]
+    out_dir = Path(args.out) / "reconstructions"
+    failed, written = [], 0
+    pairs = output_names(args.files)
+    for path, rel in tqdm(pairs, desc="reconstruct", unit="file", disable=len(pairs) < 2):
+        if rel is None:
+            print(f"warning: {path}: no such file or folder", file=sys.stderr)
+            failed.append(path)
+            continue
+        try:
+            audio = data.load_audio(path, t["sr"])
+        except UserError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+            failed.append(path)
+            continue
+        x = model.normalize(models.magnitude(audio, t["n_fft"], t["hop"]).t())  # (frames, bins)
+        enc_labels = {k: torch.full((x.shape[0],), v, dtype=torch.long) for k, v in fixed.items()}
+        mean, logvar = model.encode(x, enc_labels)
+        z = mean + args.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        x_hat = model.decode(z, decoder_labels(model, z, fixed))
+        data.save_audio(out_dir / rel, to_audio(model, x_hat, config, args), args.sr or t["sr"])
+        written += 1
+    print(f"wrote {written} file(s) to {out_dir}" + (f"; {len(failed)} failed" if failed else ""))
+    if not written and failed:
+        raise UserError("no file could be reconstructed")
+
+
+def trajectory(kind, steps, dim, generator):
+    """A latent path (steps, dim) of the given kind."""
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand(*shape, generator=generator)
+
+    s = torch.linspace(0, 1, steps).unsqueeze(1)  # (steps, 1)
+    if kind == "line":
+        start, end = normal(dim), normal(dim)
+        return start + s * (end - start)
+    if kind in ("sin", "square"):
+        amplitude, cycles, phase = uniform(0.5, 2.0, dim), uniform(0.5, 4.0, dim), uniform(0, 2 * math.pi, dim)
+        wave = torch.sin(2 * math.pi * cycles * s + phase)
+        return amplitude * (torch.sign(wave) if kind == "square" else wave)
+    if kind == "ellipse":
+        centre, a, b = 0.3 * normal(dim), normal(dim), normal(dim)
+        angle = 2 * math.pi * s
+        return centre + a * torch.cos(angle) + b * torch.sin(angle)
+    if kind == "random":
+        return torch.cumsum(torch.cat([normal(1, dim), 0.2 * normal(steps - 1, dim)]), dim=0)
+    raise ValueError(kind)
+
+
+@torch.no_grad()
+def trajectories(model, config, args, fixed):
+    t = config["data"]["transform"]
+    out_dir = Path(args.out) / "trajectories"
+    generator = torch.Generator().manual_seed(args.seed)
+    jobs = [(kind, i) for kind in args.trajectories for i in range(args.batches)]
+    for kind, i in tqdm(jobs, desc="trajectories", unit="file", disable=len(jobs) < 2):
+        z = trajectory(kind, args.steps, model.latent_dim, generator)  # (steps, latent)
+        x_hat = model.decode(z, decoder_labels(model, z, fixed))
+        data.save_audio(out_dir / f"{kind}_{i}.wav", to_audio(model, x_hat, config, args), args.sr or t["sr"])
+        np.save(out_dir / f"{kind}_{i}.npy", z.numpy())
+    print(f"wrote {len(jobs)} trajectories (.wav + latent .npy) to {out_dir}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(args.seed)
+    model, config = load_run(args)
+    fixed = parse_labels(args.label, model, config)
+    check_labels_available(model, fixed)
+    if args.mode == "reconstruct":
+        reconstruct(model, config, args, fixed)
+    else:
+        trajectories(model, config, args, fixed)
+
+
+if __name__ == "__main__":
+    data.run_main(main)
