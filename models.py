@@ -8,6 +8,7 @@ Conventions (used everywhere in the toolkit):
 """
 import heapq
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -309,14 +310,12 @@ class CheckpointError(UserError):
 
 def save_checkpoint(path, checkpoint):
     """Write `checkpoint` (a dict) to `path` through a temporary file and an atomic rename."""
-    import os
     tmp = f"{path}.tmp"
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path):
-    import os
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -348,7 +347,6 @@ def load_vae(path):
 
 # ----------------------------------------------------------------------------------------------
 # Phase reconstruction (offline: Griffin-Lim, PGHI; streaming: RTPGHI, random) and streaming STFT/ISTFT
-
 TWO_PI = 2.0 * math.pi
 
 
@@ -812,51 +810,3 @@ class StreamingISTFT(nn.Module):
             accumulator = torch.cat([accumulator[:, self.hop:], zeros], dim=1)
         self.accumulator = accumulator
         return torch.cat(outputs, dim=1)  # (batch, n_frames·hop)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one format for every script. A plain dict of tensors and Python scalars/dicts
-# (no pickled classes), written atomically, read with torch.load(weights_only=True).
-
-
-class CheckpointError(UserError):
-    pass
-
-
-def save_checkpoint(path, checkpoint):
-    """Write `checkpoint` (a dict) to `path` through a temporary file and an atomic rename."""
-    import os
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    import os
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-
-
-def build_vae(config):
-    """A SpectralVAE from a run's resolved config."""
-    m, t = config["model"], config["data"]["transform"]
-    return SpectralVAE(bins=t["n_fft"] // 2 + 1, latent_dim=m["latent_dim"], architecture=m["architecture"],
-                       encoder_hidden=m["encoder_hidden"], decoder_hidden=m["decoder_hidden"], conv=m["conv"],
-                       conditioning=m["conditioning"], prediction=m["prediction"])
-
-
-def load_vae(path):
-    """(model in eval mode, checkpoint dict) from a checkpoint file written by train_vae.py."""
-    checkpoint = load_checkpoint(path)
-    if "config" not in checkpoint or "model" not in checkpoint:
-        raise CheckpointError(f"{path}: not a VAE checkpoint of this toolkit (no config/model entries)")
-    model = build_vae(checkpoint["config"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
-    return model.eval(), checkpoint
