@@ -107,7 +107,7 @@ def bench_vae_vs_pca(results, workdir, threads=2, steps=3000):
     ref = valid.mags.numpy()
     rows = []
     for name, est, x_hat in (("VAE", vae_mag, None), ("PCA", pca_mag, pca_x)):
-        sc = sc_db(ref, est)
+        sc = float(sc_db(ref, est))
         log_err = float(np.abs(np.log1p(ref) - np.log1p(np.maximum(est, 0))).mean())
         results[f"heldout_sc_db_{name.lower()}"] = sc
         results[f"heldout_log_l1_{name.lower()}"] = log_err
