@@ -1,13 +1,14 @@
 """Speed and quality figures of the toolkit (a plain script, not a pytest test).
 
     .venv/bin/python tests/benchmark.py                 # every section
-    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch
+    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch, export
     .venv/bin/python tests/benchmark.py --json out.json
 
 Timings set their thread count explicitly; compare ratios measured in one run (shared machines
 are noisy). Every section prints a small table; --json writes all figures to one file.
 """
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import extract_pitch  # noqa: E402
 import models  # noqa: E402
+import script  # noqa: E402
 import train_vae  # noqa: E402
 from make_demo_data import write_demo_dataset  # noqa: E402
 from signals import phase_test_signal  # noqa: E402
@@ -256,7 +258,88 @@ def bench_pitch(results, workdir=None, seconds=10.0, threads=2, hop=256, sr=4410
     return results
 
 
-SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch}
+
+def _scripted_export(config_name):
+    """The exported module of an untrained default model of `config_name`, saved and reloaded as nn~ would."""
+    _, config = train_vae.parse_args(["--config-name", config_name])
+    torch.manual_seed(0)
+    model = models.build_vae(config).eval()
+    model.norm_offset.fill_(0.0)
+    model.norm_scale.fill_(4.0)  # a typical log1p range, so magnitudes are in a realistic range
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(script.build_module(model, config)), buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    return torch.jit.load(buffer), config, size
+
+
+def _seconds_per_call(module, method, inputs, repeats=5, calls=40, warmup=20):
+    """Best over `repeats` of the mean wall time of `calls` consecutive calls (after `warmup`):
+    the least disturbed measurement on a shared machine."""
+    fn = getattr(module, method)
+    with torch.no_grad():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(calls):
+                fn(inputs[i % len(inputs)])
+            times.append((time.perf_counter() - start) / calls)
+    return min(times)
+
+
+def bench_export(results, workdir=None, buffer=2048, threads=1):
+    """Real-time factor (audio seconds per wall second) of encode, decode and forward (each phase
+    mode) of the nn~ export at `buffer` samples per call, batch 1, on `threads` CPU thread(s)."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows, sizes = [], []
+    try:
+        for config_name in ("dgt_normal", "dgt_mid"):
+            module, config, size = _scripted_export(config_name)
+            param_bytes = 4 * sum(p.numel() for p in module.parameters())
+            results[f"export_file_mb/{config_name}"] = size / 1e6
+            results[f"export_param_mb/{config_name}"] = param_bytes / 1e6
+            sizes.append(f"{config_name}: file {size / 1e6:.2f} MB for {param_bytes / 1e6:.2f} MB of parameters")
+            sr, hop = config["data"]["transform"]["sr"], config["data"]["transform"]["hop"]
+            audio = phase_test_signal(sr, 2.0)  # (samples,)
+            chunks = [audio[i:i + buffer] for i in range(0, audio.numel() - buffer + 1, buffer)]
+            in_forward = [torch.cat([c.view(1, 1, -1), torch.full((1, module.n_labels, buffer), -1.0)], 1)
+                          for c in chunks]  # labels unknown: predicted (the costlier path)
+            in_encode = [torch.cat([c.view(1, 1, -1), torch.zeros(1, module.n_encoder_labels, buffer)], 1)
+                         for c in chunks]
+            with torch.no_grad():
+                latents = [module.encode(x)[:, :module.latent_dim] for x in in_encode]
+            in_decode = [torch.cat([z, torch.full((1, module.n_decoder_labels, z.shape[-1]), -1.0)], 1)
+                         for z in latents]
+            cases = [("forward", "keep_input", in_forward), ("forward", "rtpghi", in_forward),
+                     ("forward", "random", in_forward), ("encode", "-", in_encode),
+                     ("decode", "rtpghi", in_decode), ("decode", "random", in_decode)]
+            for method, mode, inputs in cases:
+                if mode != "-":
+                    module.set_phase_mode(mode)
+                seconds = _seconds_per_call(module, method, inputs)
+                rtf = buffer / sr / seconds
+                key = f"export_rtf/{config_name}/{method}" + (f"/{mode}" if mode != "-" else "")
+                results[key] = rtf
+                results[key.replace("export_rtf", "export_ms_per_call")] = seconds * 1e3
+                rows.append((config_name, f"{config['data']['transform']['n_fft']}/{hop}", method, mode,
+                             seconds * 1e3, rtf, module.get_latency(method)))
+    finally:
+        torch.set_num_threads(saved_threads)
+    print(f"\n== nn~ export: real-time factor at buffer {buffer}, batch 1, {threads} CPU thread(s), "
+          f"untrained default models (target >= 20x)")
+    print(f"  {'config':<11}{'fft/hop':>10}  {'method':<8}{'phase':<11}{'ms/call':>9}{'x real time':>13}"
+          f"{'latency':>9}")
+    for name, fft_hop, method, mode, ms, rtf, latency in rows:
+        print(f"  {name:<11}{fft_hop:>10}  {method:<8}{mode:<11}{ms:>9.3f}{rtf:>12.1f}x{latency:>9}")
+    for line in sizes:
+        print(f"  {line}")
+    return results
+
+
+SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export}
 
 
 def main():

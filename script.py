@@ -1,0 +1,458 @@
+"""Export a trained spectral VAE as a TorchScript file for the nn~ external (Max/MSP, PureData).
+
+    python script.py path_to_model/ -o output_dir/ -v version_number -n name [--force]
+
+`path_to_model` is a run folder (rundir/name), one of its version_K folders or a checkpoint file;
+`-v` picks the version (default: the latest), `-n` the checkpoint (default: last; or best),
+`-o` the output folder (default: the run folder). The file is <output_dir>/<run name>.ts.
+An existing file is never replaced unless --force is given (and then atomically).
+
+The exported module implements the nn~ contract itself (no nn_tilde package needed):
+  encode  (audio [+ encoder labels]) @1            -> latent_0..latent_{L-1} [+ pred_<task>] @hop
+  decode  (latent_0.. [+ decoder labels]) @hop      -> audio @1
+  forward (audio [+ one signal per conditioning task]) @1 -> audio [+ pred_<task>] @1
+and keeps its own STFT/ISTFT overlap state, so any buffer that is a multiple of the hop works.
+Attributes: phase_mode (keep_input | rtpghi | random), temperature, latent_scale, latent_bias.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+import torch
+import torch.nn as nn
+
+import data
+import models
+from data import UserError
+
+KEEP_INPUT = 2  # phase mode ids: 0 rtpghi, 1 random (StreamingPhase's modes), 2 keep_input
+# The export's RTPGHI is causal (delay 0): the one-frame look-ahead version measured only 0.1 dB
+# better on the tone+chirp of tests/benchmark.py and 0.5 dB (1024/256) to 2.5 dB (2048/512) better
+# on the demo notes (-36 / -32 dB causal): not worth a hop of extra latency.
+PHASE_LOOKAHEAD = False
+
+
+def is_power_of_two(n):
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+class NnSpectralVAE(nn.Module):
+    """A SpectralVAE wrapped for nn~: streaming encode / decode / forward on (batch, channels, time).
+
+    Label inputs are signals carrying class indices, decimated to one value per hop (the last
+    sample of each hop block, as nn~ does for a ratio-hop input); they are rounded and clamped to
+    [0, dim). A negative value means "unknown": the task's predictor guesses it (argmax from the
+    frame's latent) where there is one, else class 0 (always class 0 for encoder conditioning).
+    Prediction outputs carry the predicted class index, one value per hop, held (never summed).
+    """
+
+    methods: List[str]
+    attributes: List[str]
+    encode_input_labels: List[str]
+    encode_output_labels: List[str]
+    decode_input_labels: List[str]
+    decode_output_labels: List[str]
+    forward_input_labels: List[str]
+    forward_output_labels: List[str]
+    encoder_label_channel: List[int]
+    encoder_label_dim: List[int]
+    decoder_label_channel: List[int]
+    decoder_label_dim: List[int]
+    decoder_label_predictor: List[int]
+
+    def __init__(self, vae: models.SpectralVAE, sr: int, n_fft: int, hop: int):
+        super().__init__()
+        if not is_power_of_two(hop):
+            raise UserError(f"hop {hop} is not a power of two: nn~ needs power-of-two ratios "
+                            f"(retrain with data.transform.hop=256 or another power of two)")
+        vae = vae.eval()
+        self.sample_rate, self.n_fft, self.hop = int(sr), int(n_fft), int(hop)
+        self.bins, self.latent_dim = n_fft // 2 + 1, vae.latent_dim
+        self.norm_offset, self.norm_scale = float(vae.norm_offset), float(vae.norm_scale)
+        self.encoder, self.decoder = vae.encoder, vae.decoder
+        tasks = list(vae.task_dims)  # every conditioning task, config order: forward's label inputs
+        pred_tasks = list(vae.predictors)
+        self.encoder_embeddings = nn.ModuleList([vae.embeddings[t] for t in vae.encoder_tasks])
+        self.decoder_embeddings = nn.ModuleList([vae.embeddings[t] for t in vae.decoder_tasks])
+        self.predictors = nn.ModuleList([vae.predictors[t] for t in pred_tasks])
+        self.n_predictions = len(pred_tasks)
+        # label channels, counted among the label inputs of forward (encode / decode pick theirs)
+        self.encoder_label_channel = [tasks.index(t) for t in vae.encoder_tasks]
+        self.encoder_label_dim = [vae.task_dims[t] for t in vae.encoder_tasks]
+        self.decoder_label_channel = [tasks.index(t) for t in vae.decoder_tasks]
+        self.decoder_label_dim = [vae.task_dims[t] for t in vae.decoder_tasks]
+        self.decoder_label_predictor = [pred_tasks.index(t) if t in pred_tasks else -1 for t in vae.decoder_tasks]
+        self.decode_uses_predictors = max(self.decoder_label_predictor, default=-1) >= 0
+        self.n_encoder_labels, self.n_decoder_labels, self.n_labels = (
+            len(vae.encoder_tasks), len(vae.decoder_tasks), len(tasks))
+
+        # streaming state per method (encode: analysis; decode: synthesis; forward: both)
+        self.encode_stft = models.StreamingSTFT(n_fft, hop)
+        self.forward_stft = models.StreamingSTFT(n_fft, hop)
+        self.decode_phase = models.StreamingPhase(n_fft, hop, lookahead=PHASE_LOOKAHEAD)
+        self.forward_phase = models.StreamingPhase(n_fft, hop, lookahead=PHASE_LOOKAHEAD)
+        self.decode_istft = models.StreamingISTFT(n_fft, hop)
+        self.forward_istft = models.StreamingISTFT(n_fft, hop)
+        _share_constant_buffers([self.encode_stft, self.forward_stft])
+        _share_constant_buffers([self.decode_phase, self.forward_phase])
+        _share_constant_buffers([self.decode_istft, self.forward_istft])
+        # latency in samples between a method's input and its output streams (nn~ adds its own)
+        phase_delay = self.decode_phase.delay_frames * hop
+        self.encode_latency = self.encode_stft.latency
+        self.decode_latency = self.decode_istft.latency + phase_delay
+        self.forward_latency = self.encode_latency + self.decode_latency
+
+        # nn~ methods: <method>_params = [in_channels, in_ratio, out_channels, out_ratio]
+        latents = [f"latent_{i}" for i in range(self.latent_dim)]
+        predictions = [f"pred_{t}" for t in pred_tasks]
+        self.methods = ["encode", "decode", "forward"]
+        self.encode_input_labels = ["audio"] + list(vae.encoder_tasks)
+        self.encode_output_labels = latents + predictions
+        self.decode_input_labels = latents + list(vae.decoder_tasks)
+        self.decode_output_labels = ["audio"]
+        self.forward_input_labels = ["audio"] + tasks
+        self.forward_output_labels = ["audio"] + predictions
+        for method in self.methods:
+            ins, outs = getattr(self, f"{method}_input_labels"), getattr(self, f"{method}_output_labels")
+            in_ratio, out_ratio = {"encode": (1, hop), "decode": (hop, 1), "forward": (1, 1)}[method]
+            self.register_buffer(f"{method}_params", torch.tensor([len(ins), in_ratio, len(outs), out_ratio]))
+
+        # nn~ attributes: <attr>_params = type codes (0 bool, 1 int, 2 float, 3 str)
+        self.attributes = ["phase_mode", "temperature", "latent_scale", "latent_bias"]
+        self.phase_mode = "keep_input"
+        self.phase_mode_id = KEEP_INPUT
+        self.temperature = 0.0
+        self.latent_scale = 1.0
+        self.latent_bias = 0.0
+        self.register_buffer("phase_mode_params", torch.tensor([3]))
+        self.register_buffer("temperature_params", torch.tensor([2]))
+        self.register_buffer("latent_scale_params", torch.tensor([2]))
+        self.register_buffer("latent_bias_params", torch.tensor([2]))
+
+    # ---- nn~ introspection -------------------------------------------------------------------
+    @torch.jit.export
+    def get_methods(self) -> List[str]:
+        return self.methods
+
+    @torch.jit.export
+    def get_attributes(self) -> List[str]:
+        return self.attributes
+
+    @torch.jit.export
+    def get_latency(self, method: str) -> int:
+        """Samples between a method's input and output streams (nn~'s own 2·buffer not included)."""
+        if method == "encode":
+            return self.encode_latency
+        if method == "decode":
+            return self.decode_latency
+        if method == "forward":
+            return self.forward_latency
+        return -1
+
+    @torch.jit.export
+    def set_sample_rate(self, sample_rate: int) -> int:
+        """0 if the host runs at the model's rate; else a message and 1 (the model would be detuned)."""
+        if sample_rate == self.sample_rate:
+            return 0
+        print("nn~ model: trained at", self.sample_rate, "Hz but the host runs at", sample_rate,
+              "Hz: set the audio sample rate to", self.sample_rate, "Hz (pitch and timing would be wrong)")
+        return 1
+
+    # ---- attributes (setters return 0 on success, 1 and keep the old value otherwise) ---------
+    @torch.jit.export
+    def get_phase_mode(self) -> List[str]:
+        return [self.phase_mode]
+
+    @torch.jit.export
+    def set_phase_mode(self, mode: str) -> int:
+        for i, name in enumerate(["rtpghi", "random", "keep_input"]):
+            if mode == name:
+                self.phase_mode = mode
+                self.phase_mode_id = i
+                return 0
+        print("nn~ model: phase_mode must be keep_input, rtpghi or random, got", mode)
+        return 1
+
+    @torch.jit.export
+    def get_temperature(self) -> List[float]:
+        return [self.temperature]
+
+    @torch.jit.export
+    def set_temperature(self, value: float) -> int:
+        if not (value >= 0.0 and value < 1e6):  # also refuses nan
+            print("nn~ model: temperature must be a number >= 0, got", value)
+            return 1
+        self.temperature = value
+        return 0
+
+    @torch.jit.export
+    def get_latent_scale(self) -> List[float]:
+        return [self.latent_scale]
+
+    @torch.jit.export
+    def set_latent_scale(self, value: float) -> int:
+        if not (abs(value) < 1e6):
+            print("nn~ model: latent_scale must be a finite number, got", value)
+            return 1
+        self.latent_scale = value
+        return 0
+
+    @torch.jit.export
+    def get_latent_bias(self) -> List[float]:
+        return [self.latent_bias]
+
+    @torch.jit.export
+    def set_latent_bias(self, value: float) -> int:
+        if not (abs(value) < 1e6):
+            print("nn~ model: latent_bias must be a finite number, got", value)
+            return 1
+        self.latent_bias = value
+        return 0
+
+    # ---- frame-level helpers -----------------------------------------------------------------
+    def _check_audio(self, x: torch.Tensor, n_inputs: int, method: str):
+        if x.dim() != 3 or x.size(1) != n_inputs:
+            raise ValueError(method + ": expected input (batch, " + str(n_inputs) + " channels, time)")
+        if x.size(2) % self.hop != 0 or x.size(2) == 0:
+            raise ValueError(method + ": the buffer size must be a multiple of " + str(self.hop))
+
+    def _decimate(self, signals: torch.Tensor) -> torch.Tensor:
+        """Full-rate signals (batch, n, k·hop) -> their last sample in each hop block (batch, n, k)."""
+        return signals[:, :, self.hop - 1::self.hop]
+
+    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, k) -> (batch·k, channels) rows, batch-major."""
+        return x.transpose(1, 2).reshape(x.size(0) * x.size(2), x.size(1))
+
+    def _unframe(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """(batch·k, channels) -> (batch, channels, k)."""
+        return rows.reshape(batch, rows.size(0) // batch, rows.size(1)).transpose(1, 2)
+
+    def _class_index(self, values: torch.Tensor, dim: int) -> torch.Tensor:
+        """Label signal values (rows,) -> int64 classes in [0, dim), or -1 where unknown (< -0.5, nan)."""
+        rounded = torch.round(torch.nan_to_num(values, nan=-1.0, posinf=1e6, neginf=-1e6))
+        return torch.where(rounded < 0, -1.0, rounded.clamp(max=float(dim - 1))).long()
+
+    def _encoder_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (rows, n_labels) of forward's layout -> (rows, encoder condition width)."""
+        parts: List[torch.Tensor] = []
+        for i, embedding in enumerate(self.encoder_embeddings):
+            y = self._class_index(labels[:, self.encoder_label_channel[i]], self.encoder_label_dim[i])
+            parts.append(embedding(y.clamp(min=0)))
+        if len(parts) == 0:
+            return torch.zeros(labels.size(0), 0)
+        return torch.cat(parts, dim=1)
+
+    def _predict(self, z: torch.Tensor) -> torch.Tensor:
+        """Predicted class of every prediction task: (rows, latent) -> (rows, n_predictions) int64."""
+        classes: List[torch.Tensor] = []
+        for predictor in self.predictors:
+            classes.append(predictor(z).argmax(dim=1))
+        if len(classes) == 0:
+            return torch.zeros(z.size(0), 0, dtype=torch.long)
+        return torch.stack(classes, dim=1)
+
+    def _decoder_condition(self, labels: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """labels (rows, n_labels) of forward's layout, predicted (rows, n_predictions) int64
+        -> (rows, decoder condition width); unknown labels take the prediction, else class 0."""
+        parts: List[torch.Tensor] = []
+        for i, embedding in enumerate(self.decoder_embeddings):
+            y = self._class_index(labels[:, self.decoder_label_channel[i]], self.decoder_label_dim[i])
+            p = self.decoder_label_predictor[i]
+            if p >= 0:
+                y = torch.where(y < 0, predicted[:, p], y)
+            parts.append(embedding(y.clamp(min=0)))
+        if len(parts) == 0:
+            return torch.zeros(labels.size(0), 0)
+        return torch.cat(parts, dim=1)
+
+    def _latent(self, spec: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """spec (batch, bins, k) complex, labels (batch·k, n_labels) -> z (batch·k, latent)."""
+        mag = self._frames(spec.abs())  # (rows, bins)
+        x = (torch.log1p(mag) - self.norm_offset) / self.norm_scale
+        h = self.encoder(x, self._encoder_condition(labels))  # (rows, 2·latent)
+        mean = h[:, :self.latent_dim]
+        if self.temperature > 0.0:
+            std = torch.exp(0.5 * h[:, self.latent_dim:].clamp(-12.0, 8.0))
+            return mean + self.temperature * std * torch.randn_like(mean)
+        return mean
+
+    def _magnitude(self, z: torch.Tensor, condition: torch.Tensor, batch: int) -> torch.Tensor:
+        """z (rows, latent), condition (rows, width) -> linear magnitude (batch, bins, k)."""
+        x_hat = self.decoder(z, condition)  # (rows, bins), normalised log-magnitude
+        mag = torch.expm1((x_hat * self.norm_scale + self.norm_offset).clamp(min=0.0))
+        return self._unframe(mag, batch)
+
+    # ---- nn~ methods -------------------------------------------------------------------------
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1 + encoder labels, k·hop) -> (batch, latent + predictions, k)."""
+        self._check_audio(x, 1 + self.n_encoder_labels, "encode")
+        x = x.float()
+        batch = x.size(0)
+        spec = self.encode_stft(x[:, 0])  # (batch, bins, k)
+        # encode's label inputs are the encoder tasks only: map them to forward's layout
+        labels = torch.full((batch * spec.size(2), self.n_labels), -1.0)
+        if self.n_encoder_labels > 0:
+            encoder_labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_encoder_labels)
+            for i in range(self.n_encoder_labels):
+                labels[:, self.encoder_label_channel[i]] = encoder_labels[:, i]
+        z = self._latent(spec, labels)  # (rows, latent)
+        out = torch.cat([z, self._predict(z).float()], dim=1)  # (rows, latent + predictions)
+        return self._unframe(out, batch).contiguous()
+
+    @torch.jit.export
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, latent + decoder labels, k) -> audio (batch, 1, k·hop). keep_input falls back to rtpghi."""
+        if x.dim() != 3 or x.size(1) != self.latent_dim + self.n_decoder_labels or x.size(2) == 0:
+            raise ValueError("decode: expected input (batch, " + str(self.latent_dim + self.n_decoder_labels)
+                             + " channels, time)")
+        x = x.float()
+        batch = x.size(0)
+        rows = self._frames(x)  # (rows, latent + decoder labels)
+        z = rows[:, :self.latent_dim]
+        # decoder labels sit right after the latent, in decoder-task order
+        labels = torch.full((rows.size(0), self.n_labels), -1.0)
+        for i in range(self.n_decoder_labels):
+            labels[:, self.decoder_label_channel[i]] = rows[:, self.latent_dim + i]
+        predicted = self._predict(z) if self.decode_uses_predictors else torch.zeros(rows.size(0), 0,
+                                                                                       dtype=torch.long)
+        mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
+        spec = self.decode_phase(mag, 1 if self.phase_mode_id == 1 else 0)  # (batch, bins, k)
+        return self.decode_istft(spec).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1 + labels, k·hop) -> (batch, 1 + predictions, k·hop): audio, then predicted classes."""
+        self._check_audio(x, 1 + self.n_labels, "forward")
+        x = x.float()
+        batch = x.size(0)
+        spec = self.forward_stft(x[:, 0])  # (batch, bins, k)
+        labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_labels)
+        z = self._latent(spec, labels)  # (rows, latent)
+        predicted = self._predict(z)  # (rows, predictions)
+        z = z * self.latent_scale + self.latent_bias
+        mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
+        if self.phase_mode_id == 2:  # keep_input
+            out_spec = torch.polar(mag, torch.angle(spec))
+        else:
+            out_spec = self.forward_phase(mag, self.phase_mode_id)
+        audio = self.forward_istft(out_spec).unsqueeze(1)  # (batch, 1, k·hop)
+        if self.n_predictions == 0:
+            return audio
+        held = self._unframe(predicted.float(), batch).repeat_interleave(self.hop, dim=2)
+        return torch.cat([audio, held], dim=1)
+
+
+def _share_constant_buffers(modules):
+    """Point the constant buffers of identical streaming modules at one tensor (saved once)."""
+    first = modules[0]
+    for other in modules[1:]:
+        for name, buffer in first.named_buffers(recurse=False):
+            if name in ("window", "inv_envelope", "bin_advance", "torch_sign", "bin_index", "bin_float",
+                        "random_table", "bin_offset"):
+                setattr(other, name, buffer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: build, script, save through a temporary file, test-load, rename
+
+
+def build_module(model, config):
+    """The nn~ module (eager) for a SpectralVAE and its run config."""
+    t = config["data"]["transform"]
+    return NnSpectralVAE(model, t["sr"], t["n_fft"], t["hop"]).eval()
+
+
+def check_module(module, buffer_size=4096):
+    """Call every method as nn~ would (batch 1 and 4, zeros); raise UserError on a bad answer."""
+    for method in module.get_methods():
+        in_ch, in_ratio, out_ch, out_ratio = [int(v) for v in getattr(module, f"{method}_params")]
+        size = max(buffer_size, in_ratio, out_ratio)
+        for batch in (1, 4):
+            with torch.no_grad():
+                y = getattr(module, method)(torch.zeros(batch, in_ch, size // in_ratio))
+            if y.shape != (batch, out_ch, size // out_ratio) or y.dtype != torch.float32:
+                raise UserError(f"exported method {method} answered {tuple(y.shape)} {y.dtype}, expected "
+                                f"{(batch, out_ch, size // out_ratio)} float32")
+            if not torch.isfinite(y).all():
+                raise UserError(f"exported method {method} produced non-finite values")
+
+
+def resolve_checkpoint(path, version=None, name="last"):
+    """(version folder, checkpoint file) from a run folder / version folder / checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent, path
+    run_version = data.find_run_version(path, version)
+    checkpoint = run_version / (name if name.endswith(".pt") else f"{name}.pt")
+    if not checkpoint.is_file():
+        found = ", ".join(sorted(p.stem for p in run_version.glob("*.pt"))) or "none"
+        raise UserError(f"{checkpoint}: no such checkpoint (available: {found})")
+    return run_version, checkpoint
+
+
+def export(path, output_dir=None, version=None, name="last", force=False, verbose=True):
+    """Export a run to <output_dir>/<run name>.ts and return the file's path."""
+    run_version, checkpoint_path = resolve_checkpoint(path, version, name)
+    model, checkpoint = models.load_vae(checkpoint_path)
+    config = checkpoint["config"]
+    run_name = config.get("name") or run_version.parent.name
+    if output_dir is None:  # the run folder (rundir/name), as the vschaos2 README says
+        output_dir = run_version.parent if run_version.name.startswith("version_") else run_version
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / f"{run_name}.ts"
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists: pass --force to replace it")
+    scripted = torch.jit.script(build_module(model, config))
+    tmp = output_dir / f".{run_name}.{os.getpid()}.ts.tmp"
+    try:
+        scripted.save(str(tmp))
+        try:  # a .ts that does not load aborts Pd: prove this one does before it takes the name
+            check_module(torch.jit.load(str(tmp)))
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"the exported file does not load or run ({str(e).splitlines()[0]})") from None
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if verbose:
+        describe(scripted, target, checkpoint_path)
+    return target
+
+
+def describe(module, target, checkpoint_path):
+    n_params = sum(p.numel() for p in module.parameters())
+    print(f"exported {checkpoint_path} -> {target} ({target.stat().st_size / 1e6:.2f} MB, {n_params:,} parameters)")
+    print(f"sample rate {module.sample_rate} Hz, n_fft {module.n_fft}, hop {module.hop}: nn~ buffer sizes must be "
+          f"multiples of {module.hop} (e.g. 2048, 4096)")
+    for method in module.get_methods():
+        in_ch, in_ratio, out_ch, out_ratio = [int(v) for v in getattr(module, f"{method}_params")]
+        ins = ", ".join(getattr(module, f"{method}_input_labels"))
+        outs = ", ".join(getattr(module, f"{method}_output_labels"))
+        print(f"  {method:<8} in [{ins}] @{in_ratio} -> out [{outs}] @{out_ratio}; "
+              f"latency {module.get_latency(method)} samples + nn~'s own")
+    print(f"attributes: {', '.join(module.get_attributes())} (phase_mode: keep_input, rtpghi, random)")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="run folder (rundir/name), a version_K folder or a checkpoint file")
+    parser.add_argument("-o", "--output", default=None, help="output folder (default: the run folder)")
+    parser.add_argument("-v", "--version", type=int, default=None, help="version number (default: the latest)")
+    parser.add_argument("-n", "--name", default="last", help="checkpoint name: last (default) or best")
+    parser.add_argument("--force", action="store_true", help="replace an existing .ts file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return export(args.path, args.output, args.version, args.name, args.force)
+
+
+if __name__ == "__main__":
+    data.run_main(main)
