@@ -356,36 +356,41 @@ def main(argv=None):
     bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
     start_step = step
     model.train()
-    while step < max_steps:
-        order = torch.randperm(len(train_set), device=device)
-        for i in range(steps_per_epoch):
-            if step >= max_steps:
-                break
-            idx = order[i * bs:(i + 1) * bs]
-            losses = compute_losses(model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
-                                    config, step, augment=True)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            step += 1
-            frames_seen += bs
-            if step % tc["log_every"] == 0 or step == max_steps:
-                for k, v in losses.items():
-                    writer.add_scalar(f"train/{k}", float(v), step)
-                now = time.time()
-                fps = frames_seen / (now - last_log)
-                eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
-                print(f"step {step}/{max_steps} epoch {epoch} loss {float(losses['loss']):.4f} "
-                      f"sc {float(losses['sc']):.4f} kl {float(losses['kl']):.2f} | "
-                      f"{fps:,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)
-                last_log, frames_seen = now, 0
-            if step % tc["val_every"] == 0 or step == max_steps:
-                validate()
-                if tc["patience"] and bad_validations >= tc["patience"]:
-                    print(f"early stop: no improvement in {tc['patience']} validations")
-                    max_steps = step
-        else:
-            epoch += 1
+    try:
+        while step < max_steps:
+            order = torch.randperm(len(train_set), device=device)
+            for i in range(steps_per_epoch):
+                if step >= max_steps:
+                    break
+                idx = order[i * bs:(i + 1) * bs]
+                losses = compute_losses(model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
+                                        config, step, augment=True)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+                step += 1
+                frames_seen += bs
+                if step % tc["log_every"] == 0 or step == max_steps:
+                    for k, v in losses.items():
+                        writer.add_scalar(f"train/{k}", float(v), step)
+                    now = time.time()
+                    fps = frames_seen / (now - last_log)
+                    eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
+                    print(f"step {step}/{max_steps} epoch {epoch} loss {float(losses['loss']):.4f} "
+                          f"sc {float(losses['sc']):.4f} kl {float(losses['kl']):.2f} | "
+                          f"{fps:,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)
+                    last_log, frames_seen = now, 0
+                if step % tc["val_every"] == 0 or step == max_steps:
+                    validate()
+                    if tc["patience"] and bad_validations >= tc["patience"]:
+                        print(f"early stop: no improvement in {tc['patience']} validations")
+                        max_steps = step
+            else:
+                epoch += 1
+    except KeyboardInterrupt:
+        save("last.pt")  # keep the progress: +resume=1 continues from here
+        print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
+        raise
     writer.close()
     print(f"done: {run_dir} (best validation loss {best_val:.4f})")
     return run_dir

@@ -161,3 +161,17 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     code, _, err = run_script("train_vae.py", "--config-name", "dgt_mid", f"rundir={tmp_path}", "name=nope",
                               "+data.dataset.root=x", "+resume=1")
     assert code == 2 and "Traceback" not in err and "no such run folder" in err
+
+
+def test_interrupt_saves_last_checkpoint_for_resume(demo_root, tmp_path, monkeypatch):
+    real = train_vae.compute_losses
+
+    def interrupted_at_step_7(model, mags, labels, config, step, augment=False):
+        if augment and step == 7:
+            raise KeyboardInterrupt
+        return real(model, mags, labels, config, step, augment)
+
+    monkeypatch.setattr(train_vae, "compute_losses", interrupted_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_root, tmp_path, "train.max_steps=50", "train.val_every=100")
+    assert torch.load(tmp_path / "t/version_0/last.pt", weights_only=True)["step"] == 7
