@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,3 +28,12 @@ def run_script(*args, cwd=ROOT):
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread, as nn~ runs an exported model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

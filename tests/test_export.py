@@ -21,12 +21,7 @@ LATENT = 8
 N_SAMPLES = 16384  # a multiple of every buffer size tested
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # streaming code is timed for one thread
 
 
 class NnHost:

@@ -12,12 +12,7 @@ SR = 44100
 CONFIGS = [(1024, 256), (2048, 512)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # streaming code is timed for one thread
 
 
 def signal(kind, seconds=1.0):
