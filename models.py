@@ -9,7 +9,7 @@ Conventions (used everywhere in the toolkit):
 import heapq
 import math
 import os
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -810,3 +810,283 @@ class StreamingISTFT(nn.Module):
             accumulator = torch.cat([accumulator[:, self.hop:], zeros], dim=1)
         self.accumulator = accumulator
         return torch.cat(outputs, dim=1)  # (batch, n_frames·hop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior over latent sequences (MSPrior-style): tokens (batch, frames, streams) -> next-frame logits
+#
+# A latent sequence of Q streams (latent dims or RVQ levels) is a token grid (batch, frames, Q)
+# with values in [0, resolution). Continuous latents are quantized with the normal-CDF rule below;
+# the resolution and the quantizer are stored with the dataset and the run, never passed as flags.
+
+QUANTIZERS = ("normal_cdf", "none")  # none: the model's own integer codes (discrete models)
+
+
+def quantize_latents(z: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Continuous latents -> int64 tokens k = floor(Φ(z/2)·N), clamped to [0, N-1].
+
+    MSPrior's rule used floor(Φ(z/2)·(N-1)), which leaves the top bin empty; this uses all N.
+    """
+    p = 0.5 * (1.0 + torch.erf(z.float() / (2.0 * math.sqrt(2.0))))  # Φ(z / 2)
+    return torch.floor(p * resolution).clamp(0, resolution - 1).long()
+
+
+def dequantize_latents(tokens: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Tokens -> the centre of their bin: 2·Φ⁻¹((k + 0.5) / N), float32."""
+    p = (tokens.float() + 0.5) / resolution
+    return 2.0 * math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes 2^(-8h/H), h = 1..H (Press et al. 2022)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
+
+
+def empty_cache(n_heads: int, head_dim: int) -> torch.Tensor:
+    """A key/value cache holding no frame yet: (2, batch=1, heads, 0, head_dim)."""
+    return torch.zeros(2, 1, n_heads, 0, head_dim)
+
+
+class ALiBiAttention(nn.Module):
+    """Causal multi-head attention with ALiBi distance penalties over a sliding window.
+
+    Query i (absolute frame L+i, where L frames sit in the cache) sees key frames j with
+    L+i-window < j <= L+i, biased by -slope·(L+i-j). No absolute positions are used, so a
+    sliding key/value cache of the last window-1 frames gives exactly the full-sequence result.
+    Used for self-attention (kv = x) and, in the seq2seq model, for cross-attention to a
+    frame-aligned memory (kv = encoder output at the same frames).
+    """
+
+    def __init__(self, dim: int, n_heads: int, window: int):
+        super().__init__()
+        if dim % n_heads:
+            raise UserError(f"model dim {dim} is not a multiple of the number of heads {n_heads}")
+        self.n_heads, self.head_dim, self.window = n_heads, dim // n_heads, window
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.register_buffer("slopes", alibi_slopes(n_heads).view(n_heads, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor):
+        """x, kv: (batch, frames, dim); cache: (2, batch, heads, L, head_dim), L < window.
+        -> (batch, frames, dim), the new cache (2, batch, heads, min(L + frames, window - 1), head_dim)."""
+        b, t, d = x.shape
+        q = self.query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
+        kv = self.key_value(kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]  # (b, h, t, hd) each
+        past = cache.size(3)
+        if past > 0:
+            k = torch.cat([cache[0].expand(b, -1, -1, -1), k], dim=2)  # (b, h, L + t, hd)
+            v = torch.cat([cache[1].expand(b, -1, -1, -1), v], dim=2)
+        query_pos = torch.arange(past, past + t, device=x.device).view(t, 1)
+        key_pos = torch.arange(0, past + t, device=x.device).view(1, past + t)
+        distance = (query_pos - key_pos).float()  # (t, L + t)
+        visible = (distance >= 0) & (distance < self.window)
+        bias = torch.where(visible, -self.slopes * distance, torch.tensor(float("-inf"), device=x.device))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (b, h, t, hd)
+        keep = min(past + t, self.window - 1)
+        new_cache = torch.stack([k[:, :, past + t - keep:], v[:, :, past + t - keep:]])
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), new_cache
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ALiBi self-attention, optional cross-attention to a memory, GELU FFN."""
+
+    def __init__(self, dim: int, n_heads: int, ffn_dim: int, window: int, dropout: float = 0.0,
+                 cross: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = ALiBiAttention(dim, n_heads, window)
+        self.cross = cross
+        self.norm_cross = nn.LayerNorm(dim) if cross else nn.Identity()
+        self.cross_attention = ALiBiAttention(dim, n_heads, window) if cross else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, cache: torch.Tensor, cross_cache: torch.Tensor):
+        """x: (batch, frames, dim); memory: frame-aligned encoder output (or x when unused)."""
+        y, cache = self.attention(self.norm1(x), self.norm1(x), cache)
+        x = x + self.dropout(y)
+        if self.cross_attention is not None:
+            y, cross_cache = self.cross_attention(self.norm_cross(x), memory, cross_cache)
+            x = x + self.dropout(y)
+        x = x + self.dropout(self.ffn(self.norm2(x)))
+        return x, cache, cross_cache
+
+
+class CoarseToFineHead(nn.Module):
+    """Predicts the Q streams of the next frame one after the other (MSPrior's multi-stream head).
+
+    Stream q sees the backbone state h modulated (FiLM) by the sum of the embeddings of streams
+    < q of the same frame: teacher-forced (the true tokens) in training, sampled at inference.
+    """
+
+    def __init__(self, dim: int, n_streams: int, resolution: int):
+        super().__init__()
+        self.n_streams, self.resolution = n_streams, resolution
+        self.embedding = nn.Embedding(n_streams * resolution, dim)  # (stream, token) -> dim
+        self.film = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out_weight = nn.Parameter(torch.randn(n_streams, resolution, dim) / math.sqrt(dim))
+        self.out_bias = nn.Parameter(torch.zeros(n_streams, resolution))
+        self.register_buffer("offsets", torch.arange(n_streams) * resolution, persistent=False)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. h: (batch, frames, dim); targets: (batch, frames, Q) int64
+        -> logits (batch, frames, Q, resolution)."""
+        emb = self.embedding(targets + self.offsets)  # (b, t, Q, dim)
+        previous = torch.cumsum(emb, dim=2) - emb  # sum of embeddings of streams < q
+        scale, shift = self.film(previous).chunk(2, dim=-1)  # (b, t, Q, dim) each
+        g = self.norm(h.unsqueeze(2) * (1.0 + scale) + shift)
+        return torch.einsum("btqd,qkd->btqk", g, self.out_weight) + self.out_bias
+
+    def sample(self, h: torch.Tensor, temperature: float, given: Optional[torch.Tensor] = None):
+        """One frame, stream by stream. h: (batch, dim) -> (tokens (batch, Q) int64, untempered logits
+        (batch, Q, resolution)). temperature 0 = argmax. With `given` (batch, Q), its tokens are
+        used instead of sampled ones (teacher forcing of a known frame, e.g. listen mode)."""
+        condition = torch.zeros_like(h)
+        tokens = []
+        logits = []
+        for q in range(self.n_streams):
+            scale, shift = self.film(condition).chunk(2, dim=-1)
+            g = self.norm(h * (1.0 + scale) + shift)
+            logit = g @ self.out_weight[q].t() + self.out_bias[q]  # (b, resolution)
+            if given is not None:
+                token = given[:, q]
+            elif temperature <= 0.0:
+                token = logit.argmax(dim=-1)
+            else:  # Gumbel-max: one draw from softmax(logit / temperature)
+                u = torch.rand_like(logit).clamp(1e-10, 1.0 - 1e-7)
+                token = (logit / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+            tokens.append(token)
+            logits.append(logit)
+            condition = condition + self.embedding(token + q * self.resolution)
+        return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+def perplexity(logits: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the untempered distribution, averaged over streams: (..., Q, N) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (..., Q)
+    return entropy.exp().mean(-1)
+
+
+class LatentPrior(nn.Module):
+    """Autoregressive prior over token grids (batch, frames, Q): predicts frame t+1 from frames <= t.
+
+    backbone: "transformer" (causal ALiBi, sliding window = context), "gru", or "seq2seq" (the
+    transformer cross-attending to a causal encoder over per-frame conditioning features; the
+    features of the frame being predicted are known, as they arrive with it in real time).
+    Streaming state (`init_state`/`step`) gives the same result as a full-sequence pass.
+    """
+
+    def __init__(self, n_streams: int, resolution: int, backbone: str = "transformer", dim: int = 256,
+                 layers: int = 4, heads: int = 4, ffn_dim: int = 1024, context: int = 256,
+                 dropout: float = 0.1, n_features: int = 0, encoder_layers: int = 2):
+        super().__init__()
+        if backbone not in ("transformer", "gru", "seq2seq"):
+            raise UserError(f"model.backbone must be transformer, gru or seq2seq, got {backbone!r}")
+        if backbone == "seq2seq" and n_features < 1:
+            raise UserError("the seq2seq prior needs conditioning features: preprocess with --features loudness,f0")
+        self.n_streams, self.resolution, self.dim, self.context = n_streams, resolution, dim, context
+        self.backbone, self.n_layers, self.n_heads = backbone, layers, heads
+        self.n_features = n_features if backbone == "seq2seq" else 0
+        self.embedding = nn.Embedding(n_streams * resolution, dim)
+        self.register_buffer("offsets", torch.arange(n_streams) * resolution, persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        if backbone == "gru":
+            self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+            self.blocks = nn.ModuleList()
+        else:
+            self.gru = None
+            self.blocks = nn.ModuleList([TransformerBlock(dim, heads, ffn_dim, context, dropout,
+                                                          cross=backbone == "seq2seq") for _ in range(layers)])
+        if self.n_features > 0:
+            self.feature_in = nn.Linear(self.n_features, dim)
+            self.encoder = nn.ModuleList([TransformerBlock(dim, heads, ffn_dim, context, dropout)
+                                          for _ in range(encoder_layers)])
+            self.register_buffer("feature_mean", torch.zeros(self.n_features))
+            self.register_buffer("feature_std", torch.ones(self.n_features))
+        else:
+            self.feature_in = None
+            self.encoder = nn.ModuleList()
+        self.norm = nn.LayerNorm(dim)
+        self.head = CoarseToFineHead(dim, n_streams, resolution)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, Q) int64 -> (batch, frames, dim): one embedding per (stream, token), summed."""
+        return self.embedding(tokens + self.offsets).sum(dim=2)
+
+    def init_state(self, batch: int) -> List[torch.Tensor]:
+        """Streaming state with no frame seen: GRU hidden state, or one key/value cache per attention."""
+        if self.gru is not None:
+            return [torch.zeros(self.n_layers, batch, self.dim, device=self.offsets.device)]
+        empty = torch.zeros(2, batch, self.n_heads, 0, self.dim // self.n_heads, device=self.offsets.device)
+        n_caches = len(self.encoder) + len(self.blocks) * (2 if self.n_features > 0 else 1)
+        return [empty for _ in range(n_caches)]
+
+    def hidden(self, tokens: torch.Tensor, features: Optional[torch.Tensor], state: List[torch.Tensor]):
+        """Backbone over frames. tokens: (batch, frames, Q); features: (batch, frames, F) aligned with
+        the frames to predict (frame t+1), or None -> (h (batch, frames, dim), new state)."""
+        x = self.dropout(self.embed(tokens))
+        new_state: List[torch.Tensor] = []
+        if self.gru is not None:
+            x, h_n = self.gru(x, state[0])
+            new_state.append(h_n)
+            return self.norm(x), new_state
+        memory = x
+        i = 0
+        if self.feature_in is not None:
+            if features is None:
+                raise ValueError("this prior needs conditioning features")
+            memory = self.feature_in((features - self.feature_mean) / self.feature_std)
+            for block in self.encoder:
+                memory, cache, _ = block(memory, memory, state[i], state[i])
+                new_state.append(cache)
+                i += 1
+        for block in self.blocks:
+            if self.feature_in is not None:
+                x, cache, cross_cache = block(x, memory, state[i], state[i + 1])
+                new_state.append(cache)
+                new_state.append(cross_cache)
+                i += 2
+            else:
+                x, cache, _ = block(x, memory, state[i], state[i])
+                new_state.append(cache)
+                i += 1
+        return self.norm(x), new_state
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, features: Optional[torch.Tensor] = None):
+        """Teacher-forced logits. tokens: (batch, frames, Q) inputs, targets: the frames after them
+        -> (batch, frames, Q, resolution)."""
+        h, _ = self.hidden(tokens, features, self.init_state(tokens.size(0)))
+        return self.head(h, targets)
+
+    def loss(self, sequence: torch.Tensor, features: Optional[torch.Tensor] = None):
+        """Mean cross-entropy of a (batch, frames + 1, Q) crop; features (batch, frames + 1, F).
+        -> (loss, logits (batch, frames, Q, N), targets (batch, frames, Q))."""
+        inputs, targets = sequence[:, :-1], sequence[:, 1:]
+        logits = self(inputs, targets, None if features is None else features[:, 1:])
+        return F.cross_entropy(logits.reshape(-1, self.resolution), targets.reshape(-1)), logits, targets
+
+
+def prior_config_kwargs(config, n_streams, resolution, n_features):
+    """LatentPrior arguments from a train_prior.py config and the dataset's shape."""
+    m = config["model"]
+    return dict(n_streams=n_streams, resolution=resolution, backbone=m["backbone"], dim=m["dim"],
+                layers=m["layers"], heads=m["heads"], ffn_dim=m["ffn_dim"], context=m["context"],
+                dropout=m["dropout"], n_features=n_features, encoder_layers=m["encoder_layers"])
+
+
+def load_prior(path):
+    """(LatentPrior in eval mode, checkpoint dict) from a checkpoint written by train_prior.py."""
+    checkpoint = load_checkpoint(path)
+    if "prior" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path}: not a prior checkpoint of this toolkit (no prior/model entries)")
+    model = LatentPrior(**checkpoint["prior"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
+    return model.eval(), checkpoint
