@@ -865,28 +865,32 @@ class ALiBiAttention(nn.Module):
         self.query = nn.Linear(dim, dim)
         self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
-        self.register_buffer("slopes", alibi_slopes(n_heads).view(n_heads, 1, 1), persistent=False)
+        slopes = alibi_slopes(n_heads).view(n_heads, 1, 1)
+        self.register_buffer("slopes", slopes, persistent=False)
+        # the bias of one new frame against a full cache, the streaming steady state: (heads, 1, window)
+        self.register_buffer("step_bias", -slopes * torch.arange(window - 1, -1, -1).float().view(1, 1, window),
+                             persistent=False)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor):
-        """x, kv: (batch, frames, dim); cache: (2, batch, heads, L, head_dim), L < window.
-        -> (batch, frames, dim), the new cache (2, batch, heads, min(L + frames, window - 1), head_dim)."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
+        """x, kv: (batch, frames, dim); past_k, past_v: (batch, heads, L, head_dim) with L < window
+        -> (batch, frames, dim), new past_k, past_v holding the last min(L + frames, window - 1) frames."""
         b, t, d = x.shape
         q = self.query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         kv = self.key_value(kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]  # (b, h, t, hd) each
-        past = cache.size(3)
-        if past > 0:
-            k = torch.cat([cache[0].expand(b, -1, -1, -1), k], dim=2)  # (b, h, L + t, hd)
-            v = torch.cat([cache[1].expand(b, -1, -1, -1), v], dim=2)
-        query_pos = torch.arange(past, past + t, device=x.device).view(t, 1)
-        key_pos = torch.arange(0, past + t, device=x.device).view(1, past + t)
-        distance = (query_pos - key_pos).float()  # (t, L + t)
-        visible = (distance >= 0) & (distance < self.window)
-        bias = torch.where(visible, -self.slopes * distance, torch.tensor(float("-inf"), device=x.device))
+        past = past_k.size(2)
+        k = torch.cat([past_k, kv[0]], dim=2)  # (b, h, L + t, hd)
+        v = torch.cat([past_v, kv[1]], dim=2)
+        if t == 1 and past == self.window - 1:
+            bias = self.step_bias
+        else:
+            query_pos = torch.arange(past, past + t, device=x.device).view(t, 1)
+            key_pos = torch.arange(0, past + t, device=x.device).view(1, past + t)
+            distance = (query_pos - key_pos).float()  # (t, L + t)
+            visible = (distance >= 0) & (distance < self.window)
+            bias = torch.where(visible, -self.slopes * distance, torch.tensor(float("-inf"), device=x.device))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (b, h, t, hd)
         keep = min(past + t, self.window - 1)
-        new_cache = torch.stack([k[:, :, past + t - keep:], v[:, :, past + t - keep:]])
-        return self.out(y.transpose(1, 2).reshape(b, t, d)), new_cache
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), k[:, :, past + t - keep:], v[:, :, past + t - keep:]
 
 
 class TransformerBlock(nn.Module):
@@ -904,15 +908,19 @@ class TransformerBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, cache: torch.Tensor, cross_cache: torch.Tensor):
-        """x: (batch, frames, dim); memory: frame-aligned encoder output (or x when unused)."""
-        y, cache = self.attention(self.norm1(x), self.norm1(x), cache)
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, state: List[torch.Tensor]):
+        """x: (batch, frames, dim); memory: frame-aligned encoder output (unused without cross-attention);
+        state: [past_k, past_v] (+ [cross_k, cross_v]) -> (x, new state)."""
+        h = self.norm1(x)
+        y, k, v = self.attention(h, h, state[0], state[1])
         x = x + self.dropout(y)
+        new_state = [k, v]
         if self.cross_attention is not None:
-            y, cross_cache = self.cross_attention(self.norm_cross(x), memory, cross_cache)
+            y, k, v = self.cross_attention(self.norm_cross(x), memory, state[2], state[3])
             x = x + self.dropout(y)
+            new_state += [k, v]
         x = x + self.dropout(self.ffn(self.norm2(x)))
-        return x, cache, cross_cache
+        return x, new_state
 
 
 class CoarseToFineHead(nn.Module):
@@ -941,27 +949,35 @@ class CoarseToFineHead(nn.Module):
         g = self.norm(h.unsqueeze(2) * (1.0 + scale) + shift)
         return torch.einsum("btqd,qkd->btqk", g, self.out_weight) + self.out_bias
 
-    def sample(self, h: torch.Tensor, temperature: float, given: Optional[torch.Tensor] = None):
-        """One frame, stream by stream. h: (batch, dim) -> (tokens (batch, Q) int64, untempered logits
-        (batch, Q, resolution)). temperature 0 = argmax. With `given` (batch, Q), its tokens are
-        used instead of sampled ones (teacher forcing of a known frame, e.g. listen mode)."""
-        condition = torch.zeros_like(h)
+    @torch.jit.export
+    def film_table(self) -> torch.Tensor:
+        """FiLM is linear in the condition: film(sum of embeddings) = bias + sum of rows of this
+        (Q·N, 2·dim) table, so sampling does one lookup per stream instead of a matrix product."""
+        return self.embedding.weight @ self.film.weight.t()
+
+    @torch.jit.export
+    def sample(self, h: torch.Tensor, temperature: float, film_table: torch.Tensor,
+               given: Optional[torch.Tensor] = None):
+        """One frame, stream by stream. h: (batch, dim), film_table: self.film_table() (computed once
+        per model) -> (tokens (batch, Q) int64, untempered logits (batch, Q, resolution)).
+        temperature 0 = argmax. With `given` (batch, Q), its tokens are used instead of sampled
+        ones (teacher forcing of a known frame, e.g. listen mode)."""
+        film = self.film.bias.unsqueeze(0).expand(h.size(0), -1)  # (batch, 2·dim), condition = 0
         tokens = []
         logits = []
         for q in range(self.n_streams):
-            scale, shift = self.film(condition).chunk(2, dim=-1)
-            g = self.norm(h * (1.0 + scale) + shift)
-            logit = g @ self.out_weight[q].t() + self.out_bias[q]  # (b, resolution)
+            scale, shift = film.chunk(2, dim=-1)
+            g = self.norm(torch.addcmul(h + shift, h, scale))  # h·(1 + scale) + shift
+            logit = torch.addmm(self.out_bias[q], g, self.out_weight[q].t())  # (batch, resolution)
             if given is not None:
                 token = given[:, q]
             elif temperature <= 0.0:
                 token = logit.argmax(dim=-1)
-            else:  # Gumbel-max: one draw from softmax(logit / temperature)
-                u = torch.rand_like(logit).clamp(1e-10, 1.0 - 1e-7)
-                token = (logit / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+            else:
+                token = torch.multinomial(torch.softmax(logit / temperature, dim=-1), 1).squeeze(1)
             tokens.append(token)
             logits.append(logit)
-            condition = condition + self.embedding(token + q * self.resolution)
+            film = film + film_table[token + q * self.resolution]
         return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
 
 
@@ -1018,14 +1034,16 @@ class LatentPrior(nn.Module):
         """(batch, frames, Q) int64 -> (batch, frames, dim): one embedding per (stream, token), summed."""
         return self.embedding(tokens + self.offsets).sum(dim=2)
 
+    @torch.jit.export
     def init_state(self, batch: int) -> List[torch.Tensor]:
         """Streaming state with no frame seen: GRU hidden state, or one key/value cache per attention."""
         if self.gru is not None:
             return [torch.zeros(self.n_layers, batch, self.dim, device=self.offsets.device)]
-        empty = torch.zeros(2, batch, self.n_heads, 0, self.dim // self.n_heads, device=self.offsets.device)
-        n_caches = len(self.encoder) + len(self.blocks) * (2 if self.n_features > 0 else 1)
+        empty = torch.zeros(batch, self.n_heads, 0, self.dim // self.n_heads, device=self.offsets.device)
+        n_caches = 2 * len(self.encoder) + len(self.blocks) * (4 if self.n_features > 0 else 2)
         return [empty for _ in range(n_caches)]
 
+    @torch.jit.export
     def hidden(self, tokens: torch.Tensor, features: Optional[torch.Tensor], state: List[torch.Tensor]):
         """Backbone over frames. tokens: (batch, frames, Q); features: (batch, frames, F) aligned with
         the frames to predict (frame t+1), or None -> (h (batch, frames, dim), new state)."""
@@ -1042,19 +1060,14 @@ class LatentPrior(nn.Module):
                 raise ValueError("this prior needs conditioning features")
             memory = self.feature_in((features - self.feature_mean) / self.feature_std)
             for block in self.encoder:
-                memory, cache, _ = block(memory, memory, state[i], state[i])
-                new_state.append(cache)
-                i += 1
-        for block in self.blocks:
-            if self.feature_in is not None:
-                x, cache, cross_cache = block(x, memory, state[i], state[i + 1])
-                new_state.append(cache)
-                new_state.append(cross_cache)
+                memory, block_state = block(memory, memory, state[i:i + 2])
+                new_state += block_state
                 i += 2
-            else:
-                x, cache, _ = block(x, memory, state[i], state[i])
-                new_state.append(cache)
-                i += 1
+        width = 4 if self.feature_in is not None else 2  # self-attention k, v (+ cross-attention k, v)
+        for block in self.blocks:
+            x, block_state = block(x, memory, state[i:i + width])
+            new_state += block_state
+            i += width
         return self.norm(x), new_state
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, features: Optional[torch.Tensor] = None):
