@@ -637,3 +637,86 @@ def augment_frames(mags, roll_p=0.3, roll_range=(-2, 1), gain_std=0.1):
         gain = (1.0 + gain_std * torch.randn(batch, 1, device=mags.device)).clamp(min=0.1)
         mags = mags * gain
     return mags
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent sequences written by preprocess.py (db/index.json + tokens/, latents/, features/)
+
+
+def read_latent_index(db_path):
+    """The index.json of a preprocessed latent dataset, checked; clear errors for a wrong folder."""
+    db_path = Path(db_path)
+    index_path = db_path / "index.json"
+    if not index_path.is_file():
+        raise UserError(f"{db_path}: no index.json (make the dataset with: python preprocess.py --audio "
+                        f"my_audio --out_path {db_path} --model model.ts)")
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as e:
+        raise UserError(f"{index_path}: not valid JSON ({e})") from None
+    for key in ("model", "resolution", "quantizer", "files"):
+        if key not in index:
+            raise UserError(f"{index_path}: missing '{key}' (not written by preprocess.py?)")
+    if not index["files"]:
+        raise UserError(f"{index_path}: the dataset holds no encoded file")
+    return index
+
+
+class LatentSequences:
+    """The token sequences (and conditioning features) of some files of a latent dataset, joined
+    end to end into one stream (batch, frames, Q) in memory, as language-model corpora are:
+    training crops may span a file boundary, which keeps every frame usable however short the files.
+    """
+
+    def __init__(self, db_path, index, keys):
+        db_path = Path(db_path)
+        tokens, features = [], []
+        for key in keys:
+            path = db_path / "tokens" / f"{key}.npy"
+            try:
+                tokens.append(torch.from_numpy(np.load(path).astype(np.int64)))  # (frames, Q)
+                if index.get("features"):
+                    features.append(torch.from_numpy(np.load(db_path / "features" / f"{key}.npy")).float())
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read the encoded file ({e}); re-run preprocess.py") from None
+        q = index["model"]["latent_dim"]
+        self.keys = list(keys)
+        self.tokens = torch.cat(tokens) if tokens else torch.zeros(0, q, dtype=torch.long)  # (frames, Q)
+        n_features = len(index.get("features") or [])
+        self.features = torch.cat(features) if features else torch.zeros(len(self.tokens), n_features)
+        if len(self.tokens) and (self.tokens.min() < 0 or self.tokens.max() >= index["resolution"]):
+            raise UserError(f"{db_path}: tokens outside [0, {index['resolution']}): the dataset is corrupt")
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def to(self, device):
+        self.tokens, self.features = self.tokens.to(device), self.features.to(device)
+        return self
+
+    def crops(self, starts, length):
+        """Crops of `length` frames at `starts` (n,) -> tokens (n, length, Q), features (n, length, F)."""
+        index = starts[:, None] + torch.arange(length, device=starts.device)[None, :]
+        return self.tokens[index], self.features[index]
+
+    def random_crops(self, n, length, generator=None):
+        starts = torch.randint(0, len(self) - length + 1, (n,), device=self.tokens.device, generator=generator)
+        return self.crops(starts, length)
+
+    def tiled_crops(self, length):
+        """Consecutive crops covering the stream (the last one may overlap its neighbour)."""
+        length = min(length, len(self))
+        starts = list(range(0, len(self) - length + 1, length))
+        if starts[-1] + length < len(self):
+            starts.append(len(self) - length)
+        return self.crops(torch.tensor(starts, device=self.tokens.device), length)
+
+    def unigram_cross_entropy(self, other, resolution):
+        """Cross-entropy (nats, mean over frames and streams) of `other`'s tokens under this set's
+        per-stream token frequencies (add-one smoothed): what a model that ignores context scores,
+        the baseline a prior must beat."""
+        counts = torch.stack([torch.bincount(self.tokens[:, q].cpu(), minlength=resolution)
+                              for q in range(self.tokens.shape[1])]).double() + 1.0  # (Q, N)
+        log_p = (counts / counts.sum(1, keepdim=True)).log()
+        tokens = other.tokens.cpu()  # (frames, Q)
+        return float(-log_p.gather(1, tokens.t()).mean())

@@ -1,0 +1,264 @@
+"""The latent prior (models.LatentPrior) and train_prior.py, on small synthetic latent datasets."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import models
+import train_prior
+from conftest import run_script
+
+TINY = ["model.dim=32", "model.layers=2", "model.heads=2", "model.ffn_dim=64", "model.context=16",
+        "model.encoder_layers=1", "model.dropout=0.0", "data.crop=24", "train.batch_size=16",
+        "train.warmup_steps=20", "train.log_every=50", "train.num_threads=2"]
+
+
+def write_latent_db(root, n_files=6, frames=300, n_streams=3, resolution=16, features=False, seed=0):
+    """A dataset as preprocess.py writes it, with learnable structure: stream 0 counts up by one per
+    frame (10 % of frames jump at random), stream q repeats stream 0 shifted by 3q inside the
+    frame. With features, stream 0 steps by 1 or 5 at random (no jumps) and feature column 0 of
+    a frame says which: only a model that reads the features can predict it."""
+    rng = np.random.default_rng(seed)
+    (root / "tokens").mkdir(parents=True)
+    if features:
+        (root / "features").mkdir()
+    files = []
+    for i in range(n_files):
+        step = rng.choice([1, 5], size=frames) if features else np.ones(frames, dtype=np.int64)
+        first = np.zeros(frames, dtype=np.int64)
+        first[0] = rng.integers(resolution)
+        for t in range(1, frames):
+            first[t] = (first[t - 1] + step[t]) % resolution
+            if not features and rng.random() < 0.1:
+                first[t] = rng.integers(resolution)
+        tokens = np.stack([(first + 3 * q) % resolution for q in range(n_streams)], axis=1)
+        key = f"file_{i:03d}"
+        np.save(root / "tokens" / f"{key}.npy", tokens.astype(np.int16))
+        if features:
+            feats = np.stack([step.astype(np.float32), rng.normal(size=frames).astype(np.float32)], axis=1)
+            np.save(root / "features" / f"{key}.npy", feats)
+        files.append({"file": f"{key}.wav", "key": key, "frames": frames})
+    index = {"format": 1,
+             "model": {"path": "stub.ts", "sha256": "0" * 64, "sample_rate": 16000, "ratio": 64,
+                       "latent_dim": n_streams},
+             "discrete": False, "quantizer": "normal_cdf", "resolution": resolution,
+             "features": ["step", "noise"] if features else [], "num_secs": 16.0, "files": files}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="module")
+def latent_db(tmp_path_factory):
+    return write_latent_db(tmp_path_factory.mktemp("latent_db"))
+
+
+@pytest.fixture(scope="module")
+def feature_db(tmp_path_factory):
+    return write_latent_db(tmp_path_factory.mktemp("feature_db"), features=True)
+
+
+def tiny_prior(backbone, n_streams=3, resolution=16, context=8, seed=0):
+    torch.manual_seed(seed)
+    return models.LatentPrior(n_streams, resolution, backbone, dim=32, layers=2, heads=4, ffn_dim=64,
+                              context=context, dropout=0.0, n_features=2 if backbone == "seq2seq" else 0,
+                              encoder_layers=1).eval()
+
+
+def random_features(backbone, batch, frames):
+    return torch.randn(batch, frames, 2) if backbone == "seq2seq" else None
+
+
+BACKBONES = ["transformer", "gru", "seq2seq"]
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_changing_frame_t_never_changes_predictions_before_t(backbone):
+    model = tiny_prior(backbone)
+    tokens = torch.randint(0, 16, (2, 20, 3))
+    features = random_features(backbone, 2, 20)
+    with torch.no_grad():
+        h, _ = model.hidden(tokens, features, model.init_state(2))
+        for t in (0, 7, 19):
+            changed = tokens.clone()
+            changed[:, t] = (changed[:, t] + 5) % 16
+            changed_features = None if features is None else features.clone()
+            if changed_features is not None:
+                changed_features[:, t] += 3.0
+            h2, _ = model.hidden(changed, changed_features, model.init_state(2))
+            assert torch.allclose(h[:, :t], h2[:, :t], atol=1e-5)
+            assert not torch.allclose(h[:, t], h2[:, t], atol=1e-3)  # frame t itself does change
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_streaming_in_chunks_equals_the_full_sequence_pass(backbone):
+    """Chunks of 1, 3 and 7 frames through the streaming state give the full pass's states, also
+    beyond the attention window (context 8 < 30 frames: the sliding key/value cache)."""
+    model = tiny_prior(backbone, context=8)
+    tokens = torch.randint(0, 16, (2, 30, 3))
+    features = random_features(backbone, 2, 30)
+    with torch.no_grad():
+        full, _ = model.hidden(tokens, features, model.init_state(2))
+        for chunk in (1, 3, 7):
+            state, parts = model.init_state(2), []
+            for i in range(0, 30, chunk):
+                part, state = model.hidden(tokens[:, i:i + chunk],
+                                           None if features is None else features[:, i:i + chunk], state)
+                parts.append(part)
+            assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5), chunk
+
+
+def test_attention_window_limits_what_a_frame_sees():
+    """With context 8, each layer looks 7 frames back: with 2 layers frame 20 depends on frames 6..20."""
+    model = tiny_prior("transformer", context=8)
+    tokens = torch.randint(0, 16, (1, 21, 3))
+    with torch.no_grad():
+        h, _ = model.hidden(tokens, None, model.init_state(1))
+        far, near = tokens.clone(), tokens.clone()
+        far[:, 5] = (far[:, 5] + 1) % 16
+        near[:, 13] = (near[:, 13] + 1) % 16
+        h_far, _ = model.hidden(far, None, model.init_state(1))
+        h_near, _ = model.hidden(near, None, model.init_state(1))
+    assert torch.allclose(h[:, 20], h_far[:, 20], atol=1e-6)
+    assert not torch.allclose(h[:, 20], h_near[:, 20], atol=1e-4)
+
+
+def test_coarse_to_fine_head_teacher_forcing():
+    """Training logits of stream q see the true tokens of streams < q of the same frame and nothing
+    else of that frame; sampling with the same tokens given reproduces them."""
+    model = tiny_prior("transformer")
+    tokens = torch.randint(0, 16, (2, 12, 3))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        logits = model(inputs, targets)  # (2, 11, 3, 16)
+        h, _ = model.hidden(inputs, None, model.init_state(2))
+        table = model.head.film_table()
+        for t in (0, 5, 10):
+            _, sampled_logits = model.head.sample(h[:, t], 1.0, table, targets[:, t])
+            assert torch.allclose(sampled_logits, logits[:, t], atol=1e-5)
+        changed = targets.clone()
+        changed[:, :, 1] = (changed[:, :, 1] + 1) % 16  # stream 1's target
+        logits2 = model(inputs, changed)
+    assert torch.allclose(logits[:, :, :2], logits2[:, :, :2], atol=1e-6)  # streams 0, 1 unchanged
+    assert not torch.allclose(logits[:, :, 2], logits2[:, :, 2], atol=1e-4)  # stream 2 sees it
+
+
+def test_sampling_at_temperature_zero_is_argmax_and_perplexity_is_at_least_one():
+    model = tiny_prior("gru")
+    h = torch.randn(4, 32)
+    table = model.head.film_table()
+    with torch.no_grad():
+        tokens, logits = model.head.sample(h, 0.0, table)
+        again, _ = model.head.sample(h, 0.0, table)
+    assert torch.equal(tokens, again)
+    assert torch.equal(tokens[:, 0], logits[:, 0].argmax(-1))
+    ppl = models.perplexity(logits)
+    assert torch.isfinite(ppl).all() and (ppl >= 1.0).all() and (ppl <= 16.0 + 1e-3).all()
+    uniform = models.perplexity(torch.zeros(1, 3, 16))
+    assert torch.allclose(uniform, torch.tensor([16.0]))
+
+
+def test_prior_scripts_for_torchscript():
+    for backbone in BACKBONES:
+        scripted = torch.jit.script(tiny_prior(backbone))
+        tokens = torch.randint(0, 16, (1, 5, 3))
+        h, state = scripted.hidden(tokens, random_features(backbone, 1, 5), scripted.init_state(1))
+        assert h.shape == (1, 5, 32)
+
+
+# ---- train_prior.py --------------------------------------------------------------------------
+
+def train(db, tmp_path, *overrides, config="decoder_only"):
+    return train_prior.main(["--config", config, "--db_path", str(db), "--name", "p", f"rundir={tmp_path}",
+                             *TINY, *overrides])
+
+
+@pytest.mark.parametrize("config", ["decoder_only", "recurrent"])
+def test_training_brings_validation_cross_entropy_well_below_the_unigram_baseline(latent_db, tmp_path, config):
+    run_dir = train(latent_db, tmp_path, "train.max_steps=300", "train.val_every=300", config=config)
+    checkpoint = models.load_checkpoint(run_dir / "best.pt")
+    index = data.read_latent_index(latent_db)
+    split = json.loads((run_dir / "split.json").read_text())
+    train_set = data.LatentSequences(latent_db, index, split["train"])
+    valid_set = data.LatentSequences(latent_db, index, split["valid"])
+    baseline = train_set.unigram_cross_entropy(valid_set, 16)
+    assert baseline > 2.5  # near log(16): the frequencies alone say little
+    assert checkpoint["best_val"] < 0.6 * baseline, (checkpoint["best_val"], baseline)
+    assert checkpoint["dataset"]["resolution"] == 16 and checkpoint["dataset"]["quantizer"] == "normal_cdf"
+    model, _ = models.load_prior(run_dir / "best.pt")
+    assert model.n_streams == 3 and model.resolution == 16
+
+
+def test_seq2seq_training_uses_the_conditioning_features(feature_db, tmp_path):
+    """Stream 0 steps by 1 or 5 at random and only the features say which: without them no model
+    does better than ln 2 / 3 streams = 0.231 nats per token; the conditioned model must."""
+    run_dir = train(feature_db, tmp_path, "train.max_steps=300", "train.val_every=300", "train.lr=0.003",
+                    config="encoder_decoder_continuous")
+    best = models.load_checkpoint(run_dir / "best.pt")["best_val"]
+    assert best < 0.8 * np.log(2) / 3, best
+    model, _ = models.load_prior(run_dir / "best.pt")
+    assert model.n_features == 2 and float(model.feature_std[0]) > 0.1  # statistics stored
+
+
+def test_resume_continues_from_the_saved_step(latent_db, tmp_path):
+    run_dir = train(latent_db, tmp_path, "train.max_steps=20", "train.val_every=10")
+    assert models.load_checkpoint(run_dir / "last.pt")["step"] == 20
+    resumed = train(latent_db, tmp_path, "+resume=1", "train.max_steps=40")
+    assert resumed == run_dir
+    checkpoint = models.load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["step"] == 40 and checkpoint["config"]["train"]["max_steps"] == 40
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["version_0"]
+    again = train(latent_db, tmp_path, "train.max_steps=5")  # a new run never overwrites
+    assert again.name == "version_1"
+
+
+def test_learning_rate_warms_up_then_decays():
+    tc = dict(train_prior.DEFAULTS["train"], lr=1e-3, warmup_steps=100, warmup_start=0.01, decay_half_life=1000)
+    assert train_prior.learning_rate(0, tc) == pytest.approx(1e-5)
+    assert train_prior.learning_rate(100, tc) == pytest.approx(1e-3)
+    assert train_prior.learning_rate(1100, tc) == pytest.approx(5e-4)
+
+
+def test_pretrained_embedding_from_a_codebook_and_without_one(latent_db, tmp_path):
+    class Discrete(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for q in range(3):
+                self.register_buffer(f"codebook_{q}", torch.randn(16, 8))
+
+        def forward(self, x):
+            return x
+
+    class Continuous(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    torch.jit.script(Discrete()).save(str(tmp_path / "discrete.ts"))
+    torch.jit.script(Continuous()).save(str(tmp_path / "continuous.ts"))
+    codebook = train_prior.load_codebook(tmp_path / "discrete.ts", 3, 16)
+    assert codebook.shape == (3, 16, 8)
+    assert train_prior.load_codebook(tmp_path / "continuous.ts", 3, 16) is None
+    model = tiny_prior("gru")
+    train_prior.init_embedding_from_codebook(model, codebook)
+    table = model.embedding.weight.view(3, 16, 32)[:, :, :8]
+    ratio = table / codebook
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-4)  # a rescaled copy
+    code, out, err = run_script("train_prior.py", "--db_path", latent_db, "--name", "p", f"rundir={tmp_path}",
+                                "--pretrained_embedding", tmp_path / "continuous.ts", *TINY, "train.max_steps=2")
+    assert code == 0 and "no codebook" in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--db_path", "{tmp}/nowhere"], "no index.json"),
+    (["--db_path", "{db}", "model.layerz=3"], "unknown config key 'model.layerz'"),
+    (["--db_path", "{db}", "--config", "encoder_decoder_continuous"], "needs conditioning features"),
+    (["--db_path", "{db}", "data.crop=100000"], "fewer than one crop"),
+    (["--db_path", "{db}", "--config", "nope"], "config 'nope' not found"),
+])
+def test_bad_input_gives_one_clear_message(latent_db, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, db=latent_db) for a in args]
+    code, out, err = run_script("train_prior.py", "--name", "p", f"rundir={tmp_path}", *args)
+    assert code == 2 and message in err and "Traceback" not in err, err

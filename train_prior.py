@@ -1,0 +1,340 @@
+"""Train an autoregressive prior (MSPrior-style) on latent sequences made by preprocess.py.
+
+    python train_prior.py --config decoder_only --db_path /path/to/db --name training_name [key=value ...]
+    python train_prior.py --config decoder_only --db_path db --name t --pretrained_embedding model.ts
+
+Configs live in configs/prior/ (decoder_only: small ALiBi transformer, the default; recurrent: GRU;
+decoder_only_large: the original's 8 x 512 transformer; encoder_decoder_continuous: conditioned on
+the loudness/f0 features of `preprocess.py --features loudness,f0`). Every key=value argument
+overrides a config key (a leading + is accepted). Runs go to rundir/name/version_K/ with
+config.yaml, split.json, last.pt, best.pt and TensorBoard logs (tensorboard --logdir rundir).
+`+check=1` prints the model and the dataset and exits; `+resume=1` continues the latest version
+of rundir/name (or resume=path/to/version_K). The quantizer and resolution come from the dataset
+and are stored in the checkpoint, so the export cannot disagree with the training.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+from data import ConfigError, UserError
+import models
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "prior"
+
+# Every key a config may hold, with its default. configs/prior/*.yaml and key=value overrides change them.
+DEFAULTS = {
+    "name": "prior",         # run name: runs go to rundir/name/version_K
+    "rundir": "runs",
+    "check": 0,              # 1: print model + dataset summary and exit
+    "resume": None,          # 1: continue the latest version of rundir/name; or a version folder
+    "pretrained_embedding": None,  # a discrete model's .ts: initialise token embeddings from its codebook
+    "data": {
+        "db_path": None,             # folder written by preprocess.py (index.json, tokens/, ...)
+        "valid_fraction": 0.1,       # share of files held out for validation
+        "crop": 256,                 # frames per training example (the model predicts each from those before)
+    },
+    "model": {
+        "backbone": "transformer",   # transformer (causal ALiBi) | gru | seq2seq (needs features)
+        "dim": 256,                  # model width
+        "layers": 4,
+        "heads": 4,                  # attention heads (transformer / seq2seq)
+        "ffn_dim": 1024,             # feed-forward width (transformer / seq2seq)
+        "context": 256,              # frames each attention sees: the sliding window of the nn~ export
+        "dropout": 0.1,
+        "encoder_layers": 2,         # seq2seq: causal encoder layers over the conditioning features
+    },
+    "train": {
+        "batch_size": 16,            # crops per step
+        "lr": 1e-3,                  # AdamW peak learning rate
+        "betas": [0.9, 0.99],
+        "weight_decay": 0.01,
+        "warmup_steps": 1000,        # linear warm-up from warmup_start·lr to lr ...
+        "warmup_start": 0.01,
+        "decay_half_life": 20000,    # ... then exponential decay: lr halves every N steps
+        "max_steps": 50000,
+        "grad_clip": 1.0,            # max gradient norm (0: off)
+        "seed": 0,
+        "device": "auto",            # auto | cpu | cuda
+        "num_threads": None,         # CPU threads for torch (default: torch's choice)
+        "log_every": 100,            # progress line + TensorBoard scalars every N steps
+        "val_every": 1000,           # validation + checkpoints every N steps (and at the end)
+        "patience": 20,              # stop after N validations without a lower validation cross-entropy
+        "top_k": 5,                  # top-k accuracy logged besides top-1
+    },
+}
+
+
+def check_model_config(config, index):
+    m = config["model"]
+    if m["backbone"] not in ("transformer", "gru", "seq2seq"):
+        raise ConfigError(f"model.backbone must be transformer, gru or seq2seq, got {m['backbone']!r}")
+    for key in ("dim", "layers", "heads", "context"):
+        if not isinstance(m[key], int) or m[key] < 1:
+            raise ConfigError(f"model.{key} must be a positive int, got {m[key]!r}")
+    if m["backbone"] != "gru" and m["dim"] % m["heads"]:
+        raise ConfigError(f"model.dim ({m['dim']}) must be a multiple of model.heads ({m['heads']})")
+    if m["backbone"] == "seq2seq" and not index.get("features"):
+        raise ConfigError(f"model.backbone=seq2seq needs conditioning features, and {config['data']['db_path']} "
+                          "has none: preprocess with --features loudness,f0 into a new --out_path")
+    if config["data"]["crop"] < 1:
+        raise ConfigError("data.crop must be >= 1")
+
+
+def parse_args(argv):
+    configs = ", ".join(data.list_configs(CONFIG_DIR))
+    keys = "\n".join(f"  {k} = {v}" for k, v in data.flatten_config(DEFAULTS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"configs (in {CONFIG_DIR}): {configs}\n\nkeys and their defaults:\n{keys}")
+    parser.add_argument("--config", default="decoder_only",
+                        help="a config of configs/prior/ (default decoder_only) or a path to a .yaml file")
+    parser.add_argument("--db_path", default=None, help="latent dataset written by preprocess.py (= data.db_path)")
+    parser.add_argument("--name", default=None, help="run name (= name); runs go to rundir/name/version_K")
+    parser.add_argument("--pretrained_embedding", default=None,
+                        help="a discrete model's .ts: initialise the token embeddings from its codebook")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20000")
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
+    overrides = list(args.overrides)
+    for key, value in (("data.db_path", args.db_path), ("name", args.name),
+                       ("pretrained_embedding", args.pretrained_embedding)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")  # quoted: a YAML string whatever it holds
+    config = data.load_config(args.config, overrides, DEFAULTS, CONFIG_DIR)
+    return args, config
+
+
+def learning_rate(step, tc):
+    """Linear warm-up from warmup_start·lr to lr, then exponential decay with the given half-life."""
+    if step < tc["warmup_steps"]:
+        return tc["lr"] * (tc["warmup_start"] + (1.0 - tc["warmup_start"]) * step / tc["warmup_steps"])
+    return tc["lr"] * 0.5 ** ((step - tc["warmup_steps"]) / tc["decay_half_life"])
+
+
+def token_metrics(logits, targets, top_k):
+    """Cross-entropy, top-1 and top-k accuracy of (batch, frames, Q, N) logits; tensors, no host sync."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    top = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices  # (batch, frames, Q, k)
+    hits = top == targets.unsqueeze(-1)
+    return {"cross_entropy": ce, "top1": hits[..., 0].float().mean(), f"top{top_k}": hits.any(-1).float().mean()}
+
+
+@torch.no_grad()
+def evaluate(model, sequences, config):
+    """Mean metrics over consecutive crops covering the validation stream."""
+    model.eval()
+    tokens, features = sequences.tiled_crops(config["data"]["crop"] + 1)
+    totals, n = {}, 0
+    bs = config["train"]["batch_size"]
+    for start in range(0, len(tokens), bs):
+        batch_features = features[start:start + bs] if model.n_features else None
+        _, logits, targets = model.loss(tokens[start:start + bs], batch_features)
+        for k, v in token_metrics(logits, targets, config["train"]["top_k"]).items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(logits)
+        n += len(logits)
+    model.train()
+    metrics = {k: v / n for k, v in totals.items()}
+    metrics["perplexity"] = math.exp(metrics["cross_entropy"])
+    return metrics
+
+
+def load_codebook(path, n_streams, resolution):
+    """(Q, N, d) codebook of a discrete nn~ model, or None when the model has none."""
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise UserError(f"{path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+    found = []
+    for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
+        if ("codebook" in name or name.endswith("embed") or "embedding" in name) and tensor.dim() == 2 \
+                and tensor.shape[0] == resolution:
+            found.append(tensor.detach().float())
+    if len(found) != n_streams:
+        return None
+    return torch.stack(found)
+
+
+def init_embedding_from_codebook(model, codebook):
+    """Copy each stream's codebook (N, d) into its token embeddings (first min(d, dim) columns),
+    rescaled to the embedding's initial spread."""
+    q, n, d = codebook.shape
+    width = min(d, model.dim)
+    with torch.no_grad():
+        table = model.embedding.weight.view(q, n, model.dim)
+        scale = table.std() / codebook.std().clamp(min=1e-8)
+        table[:, :, :width] = codebook[:, :, :width] * scale
+
+
+def main(argv=None):
+    args, config = parse_args(sys.argv[1:] if argv is None else argv)
+
+    # ---- run folder: a new version, or the one we resume -------------------------------------
+    resume_dir = None
+    if config["resume"] not in (None, 0, False):
+        if config["resume"] in (1, True):
+            resume_dir = data.find_run_version(Path(config["rundir"]) / config["name"])
+        else:
+            resume_dir = data.find_run_version(config["resume"])
+        saved = data.read_yaml(resume_dir / "config.yaml")
+        for key, value in data.parse_overrides(args.overrides):
+            if key.startswith("train."):  # e.g. train.max_steps=... extends a finished run
+                data.set_dotted(saved, key, value)
+        config = dict(saved, resume=config["resume"], check=config["check"])
+        print(f"resuming {resume_dir}")
+
+    tc = config["train"]
+    if config["data"]["db_path"] is None:
+        raise ConfigError("no dataset: pass --db_path path/to/db (made by preprocess.py)")
+    db_path = Path(config["data"]["db_path"])
+    index = data.read_latent_index(db_path)
+    check_model_config(config, index)
+    torch.manual_seed(tc["seed"])
+    if tc["num_threads"]:
+        torch.set_num_threads(tc["num_threads"])
+    device = torch.device("cuda" if tc["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if tc["device"] == "auto" else tc["device"]))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto)")
+
+    # ---- data: token sequences of the split's files, joined, on the device --------------------
+    keys = [f["key"] for f in index["files"]]
+    if resume_dir is not None:
+        split = json.loads((resume_dir / "split.json").read_text())
+    else:
+        train_keys, valid_keys = data.split_files(keys, config["data"]["valid_fraction"], tc["seed"])
+        split = {"seed": tc["seed"], "train": train_keys, "valid": valid_keys}
+    train_set = data.LatentSequences(db_path, index, split["train"]).to(device)
+    valid_set = data.LatentSequences(db_path, index, split["valid"]).to(device)
+    resolution, n_streams = index["resolution"], index["model"]["latent_dim"]
+    crop = config["data"]["crop"]
+    if len(train_set) < crop + 1:
+        raise UserError(f"{db_path}: the training files hold {len(train_set)} frames, fewer than one crop "
+                        f"of {crop + 1}: set data.crop={max(len(train_set) - 1, 1)} or add audio")
+    n_features = len(index.get("features") or []) if config["model"]["backbone"] == "seq2seq" else 0
+    prior_kwargs = models.prior_config_kwargs(config, n_streams, resolution, n_features)
+    model = models.LatentPrior(**prior_kwargs).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    frame_rate = index["model"]["sample_rate"] / index["model"]["ratio"]
+    baseline = train_set.unigram_cross_entropy(valid_set if len(valid_set) else train_set, resolution)
+    if config["check"]:
+        print(model)
+        print(f"parameters: {n_params:,}")
+        print(f"dataset {db_path}: {len(keys)} files, {n_streams} streams x {resolution} tokens "
+              f"({index['quantizer']}), {frame_rate:.1f} frames/s, features {index.get('features') or 'none'}")
+        print(f"train: {len(split['train'])} files, {len(train_set)} frames; "
+              f"valid: {len(split['valid'])} files, {len(valid_set)} frames")
+        print(f"unigram baseline cross-entropy: {baseline:.3f} nats")
+        sys.exit(0)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
+                                  weight_decay=tc["weight_decay"])
+    step, best_val = 0, math.inf
+    if resume_dir is not None:
+        checkpoint = models.load_checkpoint(resume_dir / "last.pt")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, best_val = checkpoint["step"], checkpoint["best_val"]
+        run_dir = resume_dir
+        torch.manual_seed(tc["seed"] + step)
+    else:
+        if n_features:  # feature normalisation statistics of the training set, stored in the model
+            model.feature_mean.copy_(train_set.features.mean(0))
+            model.feature_std.copy_(train_set.features.std(0).clamp(min=1e-3))
+        if config["pretrained_embedding"]:
+            codebook = load_codebook(config["pretrained_embedding"], n_streams, resolution)
+            if codebook is None:
+                print(f"note: {config['pretrained_embedding']} has no codebook of {n_streams} x {resolution} "
+                      "codes (a continuous model?): token embeddings start from random values", file=sys.stderr)
+            else:
+                init_embedding_from_codebook(model, codebook.to(device))
+                print(f"token embeddings initialised from the codebook of {config['pretrained_embedding']}")
+        run_dir = data.new_version_dir(Path(config["rundir"]) / config["name"])
+        data.write_yaml_atomic(run_dir / "config.yaml", config)
+        data.write_json_atomic(run_dir / "split.json", split)
+    dataset_info = {k: index[k] for k in ("model", "discrete", "quantizer", "resolution", "features") if k in index}
+    print(f"run {run_dir}: {len(train_set)} training frames ({len(split['train'])} files), {len(valid_set)} "
+          f"validation frames, {n_streams} streams x {resolution} tokens, {n_params:,} parameters, {device}; "
+          f"unigram baseline {baseline:.3f} nats")
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(run_dir))
+
+    def save(path_name):
+        models.save_checkpoint(run_dir / path_name, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "best_val": best_val, "config": config, "prior": prior_kwargs, "dataset": dataset_info})
+
+    def validate():
+        nonlocal best_val, bad_validations
+        if len(valid_set) < 2:
+            save("last.pt")
+            return
+        metrics = evaluate(model, valid_set, config)
+        for k, v in metrics.items():
+            writer.add_scalar(f"valid/{k}", v, step)
+        writer.add_scalar("valid/unigram_baseline", baseline, step)
+        improved = metrics["cross_entropy"] < best_val
+        if improved:
+            best_val, bad_validations = metrics["cross_entropy"], 0
+        else:
+            bad_validations += 1
+        save("last.pt")
+        if improved:
+            save("best.pt")
+        print(f"  validation at step {step}: cross-entropy {metrics['cross_entropy']:.4f} (unigram {baseline:.4f}) "
+              f"top1 {metrics['top1']:.3f} perplexity {metrics['perplexity']:.2f}{' (best)' if improved else ''}")
+
+    # ---- training loop ------------------------------------------------------------------------
+    generator = torch.Generator(device=device).manual_seed(tc["seed"] + step)
+    bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
+    start_step, max_steps = step, tc["max_steps"]
+    model.train()
+    try:
+        while step < max_steps:
+            lr = learning_rate(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, features = train_set.random_crops(tc["batch_size"], crop + 1, generator)  # (batch, crop + 1, Q)
+            loss, logits, targets = model.loss(tokens, features if n_features else None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            optimizer.step()
+            step += 1
+            frames_seen += tokens.shape[0] * crop
+            if step % tc["log_every"] == 0 or step == max_steps:
+                metrics = {k: float(v) for k, v in token_metrics(logits.detach(), targets, tc["top_k"]).items()}
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/perplexity", math.exp(metrics["cross_entropy"]), step)
+                writer.add_scalar("train/lr", lr, step)
+                now = time.time()
+                fps = frames_seen / (now - last_log)
+                eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
+                print(f"step {step}/{max_steps} cross-entropy {metrics['cross_entropy']:.4f} "
+                      f"top1 {metrics['top1']:.3f} lr {lr:.2e} | {fps:,.0f} frames/s | ETA {eta / 60:.1f} min",
+                      flush=True)
+                last_log, frames_seen = now, 0
+            if step % tc["val_every"] == 0 or step == max_steps:
+                validate()
+                if tc["patience"] and bad_validations >= tc["patience"]:
+                    print(f"early stop: no lower validation cross-entropy in {tc['patience']} validations")
+                    break
+    except KeyboardInterrupt:
+        save("last.pt")  # keep the progress: +resume=1 continues from here
+        print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
+        raise
+    writer.close()
+    print(f"done: {run_dir} (best validation cross-entropy {best_val:.4f}, unigram baseline {baseline:.4f})")
+    return run_dir
+
+
+if __name__ == "__main__":
+    data.run_main(main)
