@@ -1,11 +1,14 @@
-"""Generate sound with a trained VAE: reconstruct files, or walk trajectories in the latent space.
+"""Generate sound: reconstruct files through a VAE, walk its latent space, or generate with a prior.
 
     python generate.py reconstruct path_to_rundir --files a.wav some_folder/ --sr 44100 --out out/
     python generate.py trajectories path_to_rundir --trajectories sin random line --sr 44100 -b 3 -s 512 --out out/
+    python generate.py prior runs/training_name --model vae.ts --seconds 10 -b 3 --temperature 1.0 --out out/ [--prime some.wav]
 
 path_to_rundir is a run folder (rundir/name: its latest version, or -v K), a version folder or a
 checkpoint file. `reconstruct` writes out/reconstructions/<relative path>.wav; `trajectories`
-writes out/trajectories/<type>_<i>.wav and the latent path as <type>_<i>.npy.
+writes out/trajectories/<type>_<i>.wav and the latent path as <type>_<i>.npy. `prior` runs a
+prior run (train_prior.py) exactly as its nn~ export does (listen to the --prime file's latents,
+then generate) and writes out/prior/<i>.wav, decoded by the --model .ts, and the latents <i>.npy.
 
 Conditioning labels: --label TASK=VALUE (a class id or a name from classes.txt) fixes a label;
 otherwise a task with a predictor takes the predictor's guess frame by frame, and a task without
@@ -30,19 +33,20 @@ PHASES = ("pghi", "griffin_lim", "rtpghi", "random")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = parser.add_subparsers(dest="mode", required=True, metavar="{reconstruct,trajectories}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("run", help="run folder (rundir/name), version folder or checkpoint file")
-    common.add_argument("-v", "--version", type=int, help="version K of the run (default: the latest)")
-    common.add_argument("-n", "--name", default="last", help="checkpoint name in the version folder: last or best")
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="{reconstruct,trajectories,prior}")
+    run_args = argparse.ArgumentParser(add_help=False)
+    run_args.add_argument("run", help="run folder (rundir/name), version folder or checkpoint file")
+    run_args.add_argument("-v", "--version", type=int, help="version K of the run (default: the latest)")
+    run_args.add_argument("-n", "--name", default="last", help="checkpoint name in the version folder: last or best")
+    run_args.add_argument("--out", default="generations", help="output folder (default: generations/)")
+    run_args.add_argument("--seed", type=int, default=0)
+    common = argparse.ArgumentParser(add_help=False, parents=[run_args])
     common.add_argument("--sr", type=int, help="sample rate of the written files (default: the model's)")
-    common.add_argument("--out", default="generations", help="output folder (default: generations/)")
     common.add_argument("--phase", choices=PHASES, default="pghi",
                         help="phase reconstruction (default pghi, refined by --iters fast Griffin-Lim iterations)")
     common.add_argument("--iters", type=int, default=20, help="Griffin-Lim iterations (refinement for pghi)")
     common.add_argument("--label", action="append", default=[], metavar="TASK=VALUE",
                         help="force a conditioning label (repeatable)")
-    common.add_argument("--seed", type=int, default=0)
     rec = modes.add_parser("reconstruct", parents=[common], help="pass audio files through the model",
                            description="Encode and decode audio files (folders are searched recursively).")
     rec.add_argument("--files", nargs="+", required=True, help="audio files and/or folders")
@@ -55,7 +59,17 @@ def parse_args(argv):
                       help=f"any of {', '.join(TRAJECTORIES)}")
     traj.add_argument("-b", "--batches", type=int, default=1, help="trajectories of each type")
     traj.add_argument("-s", "--steps", type=int, default=512, help="latent frames per trajectory (one per hop)")
+    prior = modes.add_parser("prior", parents=[run_args], help="generate latent sequences with a prior",
+                             description="Generate with a prior run: listen to --prime (encoded by --model), "
+                                         "then generate --seconds of latents and decode them with --model.")
+    prior.add_argument("--model", required=True, help="the latent model's .ts (the one preprocess.py used)")
+    prior.add_argument("--seconds", type=float, default=10.0, help="length to generate (default 10 s)")
+    prior.add_argument("-b", "--batches", type=int, default=1, help="sequences to generate")
+    prior.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = most likely")
+    prior.add_argument("--prime", default=None, help="an audio file whose latents start the context")
     args = parser.parse_args(argv)
+    if args.mode == "prior" and (args.batches < 1 or args.seconds <= 0 or args.temperature < 0):
+        parser.error("need -b >= 1, --seconds > 0 and --temperature >= 0")
     if args.mode == "trajectories":
         unknown = [t for t in args.trajectories if t not in TRAJECTORIES]
         if unknown:
@@ -234,9 +248,53 @@ def trajectories(model, config, args, fixed):
     print(f"wrote {len(jobs)} trajectories (.wav + latent .npy) to {out_dir}")
 
 
+@torch.no_grad()
+def prior_generation(args):
+    """Listen to the primer's latents, generate, decode: the exported prior's own code, run offline."""
+    import script  # the nn~ modules: the offline generation is the export's, frame for frame
+    _, checkpoint_path = script.resolve_checkpoint(args.run, args.version, args.name)
+    prior, checkpoint = models.load_prior(checkpoint_path)
+    if "dataset" not in checkpoint:
+        raise UserError(f"{checkpoint_path}: not a prior checkpoint (train_prior.py writes those)")
+    dataset = checkpoint["dataset"]
+    if prior.n_features:
+        raise UserError("this prior is conditioned on features (seq2seq): play it in nn~ with feature inputs; "
+                        "generate.py prior drives unconditioned priors only")
+    model = script.load_latent_model(args.model, dataset, prior.n_streams)
+    module = script.NnPrior(prior, dataset)
+    module.set_temperature(args.temperature)
+    q, ratio, sr = prior.n_streams, module.ratio, module.sample_rate
+    if args.prime:
+        audio = data.load_audio(args.prime, sr)  # (samples,)
+        audio = torch.nn.functional.pad(audio, (0, -len(audio) % ratio))
+        primer = model.encode(audio.view(1, 1, -1))[:, :q]  # (1, Q, frames): the latent channels
+        module.set_listen(True)
+        module(primer.expand(args.batches, -1, -1).contiguous())
+        print(f"primed with {primer.shape[-1]} frames of {args.prime}")
+    module.set_listen(False)
+    n_frames = max(1, int(round(args.seconds * sr / ratio)))
+    out = module(torch.zeros(args.batches, q, n_frames))  # (batch, Q + 1, frames); unprimed: starts at 0
+    latents, perplexity = out[:, :q], out[:, q]
+    decode_inputs = int(model.decode_params[0])
+    if decode_inputs > q:  # label inputs of a conditioned VAE: -1 = unknown (its predictors guess)
+        latents_in = torch.cat([latents, torch.full((args.batches, decode_inputs - q, n_frames), -1.0)], dim=1)
+    else:
+        latents_in = latents
+    audio = model.decode(latents_in)  # (batch, 1, frames · ratio)
+    out_dir = Path(args.out) / "prior"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(args.batches):
+        data.save_audio(out_dir / f"{i}.wav", audio[i, 0], sr)
+        np.save(out_dir / f"{i}.npy", latents[i].t().numpy())  # (frames, Q)
+    print(f"wrote {args.batches} x {n_frames / (sr / ratio):.1f} s (.wav + latent .npy) to {out_dir}; "
+          f"mean perplexity {float(perplexity.mean()):.2f} of {prior.resolution}")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(args.seed)
+    if args.mode == "prior":
+        return prior_generation(args)
     model, config = load_run(args)
     fixed = parse_labels(args.label, model, config)
     check_labels_available(model, fixed)

@@ -1,6 +1,8 @@
 """Export a trained spectral VAE as a TorchScript file for the nn~ external (Max/MSP, PureData).
 
     python script.py path_to_model/ -o output_dir/ -v version_number -n name [--force]
+    python script.py --prior --run runs/training_name [-o out/]                 # a prior alone
+    python script.py --prior --run runs/training_name --model vae.ts [-o out/]  # model + prior, one file
 
 `path_to_model` is a run folder (rundir/name), one of its version_K folders or a checkpoint file;
 `-v` picks the version (default: the latest), `-n` the checkpoint (default: last; or best),
@@ -13,12 +15,18 @@ The exported module implements the nn~ contract itself (no nn_tilde package need
   forward (audio [+ one signal per conditioning task]) @1 -> audio [+ pred_<task>] @1
 and keeps its own STFT/ISTFT overlap state, so any buffer that is a multiple of the hop works.
 Attributes: phase_mode (keep_input | rtpghi | random), temperature, latent_scale, latent_bias.
+
+A prior (train_prior.py) exports as `forward` (latent_0..latent_{Q-1} [+ features]) @ratio ->
+(latent_0.. + perplexity) @ratio with attributes temperature, listen and reset (see NnPrior);
+with --model the file also holds the model's encode / decode / forward, so one file does
+encode -> prior -> decode. The quantizer and resolution come from the run.
 """
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -356,6 +364,310 @@ def _share_constant_buffers(modules):
 
 
 # ----------------------------------------------------------------------------------------------
+# The prior for nn~: forward (latents [+ features]) @ratio -> (latents + perplexity) @ratio
+
+
+class NnPrior(nn.Module):
+    """A LatentPrior wrapped for nn~, streaming frame by frame with its own state.
+
+    Frame j is predicted from the frames before it (and, for seq2seq priors, the conditioning
+    features up to frame j). listen=1: the input latents pass through and fill the context; the
+    perplexity output says how surprised the prior was by each input frame. listen=0: the prior
+    generates, feeding back its own frames (the input latents are ignored, except the first frame
+    after a reset, which seeds the context). Perplexity = exp(entropy) of the untempered prediction,
+    averaged over streams (1 = certain, resolution = clueless; the first frame after a reset has no
+    prediction and reads `resolution`). The attention keeps a sliding window of the trained context
+    (ALiBi needs no absolute positions), the GRU its state. The quantizer and resolution are the
+    dataset's, stored in the run.
+    """
+
+    state: List[torch.Tensor]
+    attributes: List[str]
+    forward_input_labels: List[str]
+    forward_output_labels: List[str]
+
+    def __init__(self, prior: models.LatentPrior, dataset: dict):
+        super().__init__()
+        prior = prior.eval()
+        ratio = int(dataset["model"]["ratio"])
+        if not is_power_of_two(ratio):
+            raise UserError(f"latent ratio {ratio} is not a power of two: nn~ cannot play it")
+        self.prior = prior
+        self.n_streams, self.resolution, self.n_features = prior.n_streams, prior.resolution, prior.n_features
+        self.discrete = dataset["quantizer"] == "none"
+        self.ratio, self.sample_rate = ratio, int(dataset["model"]["sample_rate"])
+        self.register_buffer("film_table", prior.head.film_table().detach())
+        # streaming state: backbone state, the last frame's tokens (not yet fed to the backbone)
+        self.state = prior.init_state(1)
+        self.register_buffer("previous", torch.zeros(1, self.n_streams, dtype=torch.long), persistent=False)
+        self.has_previous = False
+        self.batch = 1
+        self.register_buffer("last_logits", torch.zeros(1, 0, self.n_streams, self.resolution), persistent=False)
+
+        self.methods = ["forward"]
+        features = list(dataset.get("features") or []) if self.n_features else []
+        self.forward_input_labels = [f"latent_{i}" for i in range(self.n_streams)] + features
+        self.forward_output_labels = [f"latent_{i}" for i in range(self.n_streams)] + ["perplexity"]
+        self.register_buffer("forward_params", torch.tensor(
+            [len(self.forward_input_labels), ratio, len(self.forward_output_labels), ratio]))
+        self.attributes = ["temperature", "listen", "reset"]
+        self.temperature = 1.0
+        self.listen = False
+        self.reset = False
+        self.register_buffer("temperature_params", torch.tensor([2]))
+        self.register_buffer("listen_params", torch.tensor([0]))
+        self.register_buffer("reset_params", torch.tensor([0]))
+
+    # ---- nn~ introspection and attributes ----------------------------------------------------
+    @torch.jit.export
+    def get_methods(self) -> List[str]:
+        return self.methods
+
+    @torch.jit.export
+    def get_attributes(self) -> List[str]:
+        return self.attributes
+
+    @torch.jit.export
+    def get_latency(self, method: str) -> int:
+        return 0 if method == "forward" else -1
+
+    @torch.jit.export
+    def set_sample_rate(self, sample_rate: int) -> int:
+        if sample_rate == self.sample_rate:
+            return 0
+        print("nn~ prior: its latent model runs at", self.sample_rate, "Hz but the host runs at", sample_rate, "Hz")
+        return 1
+
+    @torch.jit.export
+    def get_temperature(self) -> List[float]:
+        return [self.temperature]
+
+    @torch.jit.export
+    def set_temperature(self, value: float) -> int:
+        if not (value >= 0.0 and value < 1e6):
+            print("nn~ prior: temperature must be a number >= 0, got", value)
+            return 1
+        self.temperature = value
+        return 0
+
+    @torch.jit.export
+    def get_listen(self) -> List[bool]:
+        return [self.listen]
+
+    @torch.jit.export
+    def set_listen(self, value: bool) -> int:
+        self.listen = value
+        return 0
+
+    @torch.jit.export
+    def get_reset(self) -> List[bool]:
+        return [self.reset]
+
+    @torch.jit.export
+    def set_reset(self, value: bool) -> int:
+        """One-shot: the context is cleared at the next buffer, then reset reads false again."""
+        self.reset = value
+        return 0
+
+    # ---- streaming ---------------------------------------------------------------------------
+    def _clear(self, batch: int):
+        self.state = self.prior.init_state(batch)
+        self.previous = torch.zeros(batch, self.n_streams, dtype=torch.long)
+        self.has_previous = False
+        self.batch = batch
+
+    def _tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """(batch, k, Q) latents as received -> int64 tokens, with the dataset's quantizer."""
+        if self.discrete:
+            return torch.round(torch.nan_to_num(latents)).clamp(0, self.resolution - 1).long()
+        return models.quantize_latents(torch.nan_to_num(latents), self.resolution)
+
+    def _latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return tokens.float()
+        return models.dequantize_latents(tokens, self.resolution)
+
+    def _listen(self, tokens: torch.Tensor, features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher-force known frames (batch, k, Q) through the prior -> logits (batch, k, Q, N)."""
+        batch, k = tokens.size(0), tokens.size(1)
+        first = 0 if self.has_previous else 1  # without a previous frame, frame 0 has no prediction
+        logits = torch.zeros(batch, k, self.n_streams, self.resolution)
+        if k > first:
+            inputs = torch.cat([self.previous.unsqueeze(1), tokens[:, :k - 1]], dim=1)[:, first:]
+            step_features: Optional[torch.Tensor] = None
+            if features is not None:
+                step_features = features[:, first:]
+            h, self.state = self.prior.hidden(inputs, step_features, self.state)
+            logits[:, first:] = self.prior.head(h, tokens[:, first:])
+        self.previous = tokens[:, k - 1]
+        self.has_previous = True
+        return logits
+
+    def _generate(self, tokens: torch.Tensor, features: Optional[torch.Tensor]):
+        """Generate k frames one by one -> (tokens (batch, k, Q), logits (batch, k, Q, N))."""
+        batch, k = tokens.size(0), tokens.size(1)
+        out = torch.zeros(batch, k, self.n_streams, dtype=torch.long)
+        logits = torch.zeros(batch, k, self.n_streams, self.resolution)
+        for j in range(k):
+            if not self.has_previous:  # seed the context with the input frame
+                token = tokens[:, j]
+            else:
+                step_features: Optional[torch.Tensor] = None
+                if features is not None:
+                    step_features = features[:, j:j + 1]
+                h, self.state = self.prior.hidden(self.previous.unsqueeze(1), step_features, self.state)
+                token, logit = self.prior.head.sample(h[:, 0], self.temperature, self.film_table, None)
+                logits[:, j] = logit
+            out[:, j] = token
+            self.previous = token
+            self.has_previous = True
+        return out, logits
+
+    def _perplexity(self, logits: torch.Tensor) -> torch.Tensor:
+        """(batch, k, Q, N) -> (batch, k); frames without a prediction (all-zero logits) read N."""
+        return models.perplexity(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, Q [+ features], k) -> (batch, Q + 1, k): latents, then perplexity."""
+        if x.dim() != 3 or x.size(1) != self.n_streams + self.n_features or x.size(2) == 0:
+            raise ValueError("prior: expected input (batch, " + str(self.n_streams + self.n_features)
+                             + " channels, frames)")
+        x = x.float()
+        if self.reset or x.size(0) != self.batch:
+            self._clear(x.size(0))
+            self.reset = False
+        latents = x[:, :self.n_streams].transpose(1, 2)  # (batch, k, Q)
+        features: Optional[torch.Tensor] = None
+        if self.n_features > 0:
+            features = x[:, self.n_streams:].transpose(1, 2).contiguous()  # (batch, k, F)
+        tokens = self._tokens(latents)
+        with torch.no_grad():
+            if self.listen:
+                logits = self._listen(tokens, features)
+                out = latents
+            else:
+                generated, logits = self._generate(tokens, features)
+                out = self._latents(generated)
+        self.last_logits = logits
+        return torch.cat([out.transpose(1, 2), self._perplexity(logits).unsqueeze(1)], dim=1).contiguous()
+
+
+class NnModelWithPrior(nn.Module):
+    """One file for the whole chain: the latent model's encode / decode / forward plus `prior`.
+
+    In Max/Pd: [nn~ file.ts encode] -> [nn~ file.ts prior] -> [nn~ file.ts decode]. The prior's
+    attributes (temperature, listen, reset) are the file's; the model's are forwarded by
+    NnSpectralVAEWithPrior for this toolkit's VAE (phase_mode, latent_scale, latent_bias).
+    """
+
+    methods: List[str]
+    attributes: List[str]
+    prior_input_labels: List[str]
+    prior_output_labels: List[str]
+
+    def __init__(self, model, prior: NnPrior):
+        super().__init__()
+        self.model = model
+        self.prior_module = prior
+        self.sample_rate = prior.sample_rate
+        self.methods = ["encode", "decode", "forward", "prior"]
+        for method in ("encode", "decode", "forward"):
+            self.register_buffer(f"{method}_params", getattr(model, f"{method}_params").clone())
+        self.register_buffer("prior_params", prior.forward_params.clone())
+        self.prior_input_labels = prior.forward_input_labels
+        self.prior_output_labels = prior.forward_output_labels
+        self.attributes = ["temperature", "listen", "reset"]
+        for name in ("temperature", "listen", "reset"):
+            self.register_buffer(f"{name}_params", getattr(prior, f"{name}_params").clone())
+
+    @torch.jit.export
+    def get_methods(self) -> List[str]:
+        return self.methods
+
+    @torch.jit.export
+    def get_attributes(self) -> List[str]:
+        return self.attributes
+
+    @torch.jit.export
+    def set_sample_rate(self, sample_rate: int) -> int:
+        return self.prior_module.set_sample_rate(sample_rate)
+
+    @torch.jit.export
+    def get_temperature(self) -> List[float]:
+        return self.prior_module.get_temperature()
+
+    @torch.jit.export
+    def set_temperature(self, value: float) -> int:
+        return self.prior_module.set_temperature(value)
+
+    @torch.jit.export
+    def get_listen(self) -> List[bool]:
+        return self.prior_module.get_listen()
+
+    @torch.jit.export
+    def set_listen(self, value: bool) -> int:
+        return self.prior_module.set_listen(value)
+
+    @torch.jit.export
+    def get_reset(self) -> List[bool]:
+        return self.prior_module.get_reset()
+
+    @torch.jit.export
+    def set_reset(self, value: bool) -> int:
+        return self.prior_module.set_reset(value)
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)
+
+    @torch.jit.export
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(x)
+
+    @torch.jit.export
+    def prior(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prior_module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class NnSpectralVAEWithPrior(NnModelWithPrior):
+    """NnModelWithPrior for this toolkit's VAE export: also forwards its phase/latent attributes
+    (its own `temperature`, the encoder's sampling noise, gives way to the prior's)."""
+
+    def __init__(self, model, prior: NnPrior):
+        super().__init__(model, prior)
+        self.attributes = self.attributes + ["phase_mode", "latent_scale", "latent_bias"]
+        for name in ("phase_mode", "latent_scale", "latent_bias"):
+            self.register_buffer(f"{name}_params", getattr(model, f"{name}_params").clone())
+
+    @torch.jit.export
+    def get_phase_mode(self) -> List[str]:
+        return self.model.get_phase_mode()
+
+    @torch.jit.export
+    def set_phase_mode(self, mode: str) -> int:
+        return self.model.set_phase_mode(mode)
+
+    @torch.jit.export
+    def get_latent_scale(self) -> List[float]:
+        return self.model.get_latent_scale()
+
+    @torch.jit.export
+    def set_latent_scale(self, value: float) -> int:
+        return self.model.set_latent_scale(value)
+
+    @torch.jit.export
+    def get_latent_bias(self) -> List[float]:
+        return self.model.get_latent_bias()
+
+    @torch.jit.export
+    def set_latent_bias(self, value: float) -> int:
+        return self.model.set_latent_bias(value)
+
+
+# ----------------------------------------------------------------------------------------------
 # Export: build, script, save through a temporary file, test-load, rename
 
 
@@ -401,13 +713,26 @@ def export(path, output_dir=None, version=None, name="last", force=False, verbos
     run_name = config.get("name") or run_version.parent.name
     if output_dir is None:  # the run folder (rundir/name), as the vschaos2 README says
         output_dir = run_version.parent if run_version.name.startswith("version_") else run_version
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / f"{run_name}.ts"
+    target = Path(output_dir) / f"{run_name}.ts"
+    scripted = write_module(build_module(model, config), target, force)
+    if verbose:
+        describe(scripted, target, checkpoint_path)
+        print("attributes: " + ", ".join(scripted.get_attributes()) + " (phase_mode: keep_input, rtpghi, random)")
+    return target
+
+
+def write_module(module, target, force=False):
+    """Script `module`, save it through a temporary file, test-load it as nn~ would, rename it to
+    `target` (never replacing an existing file without force) -> the scripted module."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not force:
         raise UserError(f"{target} already exists: pass --force to replace it")
-    scripted = torch.jit.script(build_module(model, config))
-    tmp = output_dir / f".{run_name}.{os.getpid()}.ts.tmp"
+    try:
+        scripted = torch.jit.script(module)
+    except Exception as e:
+        raise UserError(f"the model cannot be exported to TorchScript ({str(e).strip().splitlines()[0]})") from None
+    tmp = target.parent / f".{target.stem}.{os.getpid()}.ts.tmp"
     try:
         scripted.save(str(tmp))
         try:  # a .ts that does not load aborts Pd: prove this one does before it takes the name
@@ -420,37 +745,111 @@ def export(path, output_dir=None, version=None, name="last", force=False, verbos
     finally:
         if tmp.exists():
             tmp.unlink()
+    return scripted
+
+
+def export_prior(run, output_dir=None, version=None, name="last", force=False, model_path=None, verbose=True):
+    """Export a prior run to <output_dir>/<run name>.ts, or with model_path, the latent model and
+    the prior in one file <output_dir>/<run name>_<model name>.ts. Returns the file's path."""
+    run_version, checkpoint_path = resolve_checkpoint(run, version, name)
+    prior, checkpoint = models.load_prior(checkpoint_path)
+    if "dataset" not in checkpoint:
+        raise UserError(f"{checkpoint_path}: not a prior checkpoint (no dataset entry): for a VAE run, "
+                        "leave out --prior")
+    prior_module = NnPrior(prior, checkpoint["dataset"])
+    run_name = checkpoint["config"].get("name") or run_version.parent.name
+    if output_dir is None:
+        output_dir = run_version.parent if run_version.name.startswith("version_") else run_version
+    if model_path is None:
+        target = Path(output_dir) / f"{run_name}.ts"
+        module = prior_module
+    else:
+        model = load_latent_model(model_path, checkpoint["dataset"], prior.n_streams)
+        target = Path(output_dir) / f"{run_name}_{Path(model_path).stem}.ts"
+        forwarded = {"phase_mode", "latent_scale", "latent_bias"}
+        if forwarded <= set(model.get_attributes()):
+            module = NnSpectralVAEWithPrior(model, prior_module)
+        else:
+            module = NnModelWithPrior(model, prior_module)
+        dropped = [a for a in model.get_attributes() if a not in module.attributes or a == "temperature"]
+        if dropped and verbose:
+            print(f"note: attributes of {model_path} not reachable in the combined file: {', '.join(dropped)} "
+                  "(load the model's own .ts for those)")
+    scripted = write_module(module, target, force)
     if verbose:
         describe(scripted, target, checkpoint_path)
+        data_info = checkpoint["dataset"]
+        print(f"attributes: {', '.join(scripted.get_attributes())}; prior: {prior.n_streams} streams x "
+              f"{prior.resolution} tokens ({data_info['quantizer']}), context {prior.context} frames")
     return target
+
+
+def load_latent_model(path, dataset, n_streams):
+    """The nn~ model a prior's latents came from, checked against the prior's dataset."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        model = torch.jit.load(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+    for method in ("encode", "decode", "forward"):
+        if not hasattr(model, method) or not hasattr(model, f"{method}_params"):
+            raise UserError(f"{path}: the model has no '{method}' method (with {method}_params) to combine")
+    ratio = int(model.encode_params[3])
+    if ratio != int(dataset["model"]["ratio"]) or int(model.decode_params[0]) < n_streams:
+        raise UserError(f"{path}: latent ratio {ratio} / {int(model.decode_params[0])} decode inputs, but the prior "
+                        f"was trained on {n_streams} latents at ratio {dataset['model']['ratio']}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if dataset["model"].get("sha256") and digest != dataset["model"]["sha256"]:
+        print(f"warning: {path} is not the file the prior's latents were encoded with "
+              f"({dataset['model'].get('path')}): the latents may not mean the same", file=sys.stderr)
+    return model
 
 
 def describe(module, target, checkpoint_path):
     n_params = sum(p.numel() for p in module.parameters())
     print(f"exported {checkpoint_path} -> {target} ({target.stat().st_size / 1e6:.2f} MB, {n_params:,} parameters)")
-    print(f"sample rate {module.sample_rate} Hz, n_fft {module.n_fft}, hop {module.hop}: nn~ buffer sizes must be "
-          f"multiples of {module.hop} (e.g. 2048, 4096)")
+    largest_ratio = 1
     for method in module.get_methods():
         in_ch, in_ratio, out_ch, out_ratio = [int(v) for v in getattr(module, f"{method}_params")]
-        ins = ", ".join(getattr(module, f"{method}_input_labels"))
-        outs = ", ".join(getattr(module, f"{method}_output_labels"))
-        print(f"  {method:<8} in [{ins}] @{in_ratio} -> out [{outs}] @{out_ratio}; "
-              f"latency {module.get_latency(method)} samples + nn~'s own")
-    print(f"attributes: {', '.join(module.get_attributes())} (phase_mode: keep_input, rtpghi, random)")
+        largest_ratio = max(largest_ratio, in_ratio, out_ratio)
+        ins = getattr(module, f"{method}_input_labels", None)
+        outs = getattr(module, f"{method}_output_labels", None)
+        latency = module.get_latency(method) if hasattr(module, "get_latency") else None
+        print(f"  {method:<8} in {in_ch}{' [' + ', '.join(ins) + ']' if ins else ''} @{in_ratio} -> out {out_ch}"
+              f"{' [' + ', '.join(outs) + ']' if outs else ''} @{out_ratio}"
+              f"{'' if latency is None else f'; latency {latency} samples + nn~' + chr(39) + 's own'}")
+    print(f"sample rate {module.sample_rate} Hz: nn~ buffer sizes must be multiples of {largest_ratio} "
+          f"(e.g. {max(largest_ratio, 2048)}, {max(largest_ratio, 4096)})")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="run folder (rundir/name), a version_K folder or a checkpoint file")
+    parser.add_argument("path", nargs="?", default=None,
+                        help="run folder (rundir/name), a version_K folder or a checkpoint file")
+    parser.add_argument("--prior", action="store_true", help="export a prior run (train_prior.py) instead of a VAE")
+    parser.add_argument("--run", default=None, help="the run to export (same as the positional path)")
+    parser.add_argument("--model", default=None,
+                        help="with --prior: the latent model's .ts, to write model + prior in one file "
+                             "(methods encode, decode, forward, prior)")
     parser.add_argument("-o", "--output", default=None, help="output folder (default: the run folder)")
     parser.add_argument("-v", "--version", type=int, default=None, help="version number (default: the latest)")
     parser.add_argument("-n", "--name", default="last", help="checkpoint name: last (default) or best")
     parser.add_argument("--force", action="store_true", help="replace an existing .ts file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.path is None) == (args.run is None):
+        parser.error("give the run folder once, as a path or with --run")
+    args.path = args.path or args.run
+    if args.model and not args.prior:
+        parser.error("--model combines a latent model with a prior: add --prior")
+    return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.prior:
+        return export_prior(args.path, args.output, args.version, args.name, args.force, args.model)
     return export(args.path, args.output, args.version, args.name, args.force)
 
 

@@ -15,7 +15,8 @@ TINY = ["model.dim=32", "model.layers=2", "model.heads=2", "model.ffn_dim=64", "
         "train.warmup_steps=20", "train.log_every=50", "train.num_threads=2"]
 
 
-def write_latent_db(root, n_files=6, frames=300, n_streams=3, resolution=16, features=False, seed=0):
+def write_latent_db(root, n_files=6, frames=300, n_streams=3, resolution=16, features=False, seed=0,
+                    ratio=64, sample_rate=16000):
     """A dataset as preprocess.py writes it, with learnable structure: stream 0 counts up by one per
     frame (10 % of frames jump at random), stream q repeats stream 0 shifted by 3q inside the
     frame. With features, stream 0 steps by 1 or 5 at random (no jumps) and feature column 0 of
@@ -41,7 +42,7 @@ def write_latent_db(root, n_files=6, frames=300, n_streams=3, resolution=16, fea
             np.save(root / "features" / f"{key}.npy", feats)
         files.append({"file": f"{key}.wav", "key": key, "frames": frames})
     index = {"format": 1,
-             "model": {"path": "stub.ts", "sha256": "0" * 64, "sample_rate": 16000, "ratio": 64,
+             "model": {"path": "stub.ts", "sha256": "", "sample_rate": sample_rate, "ratio": ratio,
                        "latent_dim": n_streams},
              "discrete": False, "quantizer": "normal_cdf", "resolution": resolution,
              "features": ["step", "noise"] if features else [], "num_secs": 16.0, "files": files}
