@@ -865,18 +865,33 @@ class ALiBiAttention(nn.Module):
         self.query = nn.Linear(dim, dim)
         self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        # eval-time fusion of query and key_value for self-attention (see fuse_for_inference)
+        self.fused = False
+        self.register_buffer("fused_weight", torch.zeros(0, dim), persistent=False)
+        self.register_buffer("fused_bias", torch.zeros(0), persistent=False)
         slopes = alibi_slopes(n_heads).view(n_heads, 1, 1)
         self.register_buffer("slopes", slopes, persistent=False)
         # the bias of one new frame against a full cache, the streaming steady state: (heads, 1, window)
         self.register_buffer("step_bias", -slopes * torch.arange(window - 1, -1, -1).float().view(1, 1, window),
                              persistent=False)
 
+    def fuse_for_inference(self):
+        """Self-attention only, weights frozen: one (3·dim, dim) product instead of two per call."""
+        self.fused_weight = torch.cat([self.query.weight, self.key_value.weight]).detach()
+        self.fused_bias = torch.cat([self.query.bias, self.key_value.bias]).detach()
+        self.fused = True
+
     def forward(self, x: torch.Tensor, kv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
         """x, kv: (batch, frames, dim); past_k, past_v: (batch, heads, L, head_dim) with L < window
         -> (batch, frames, dim), new past_k, past_v holding the last min(L + frames, window - 1) frames."""
         b, t, d = x.shape
-        q = self.query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
-        kv = self.key_value(kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.fused:  # self-attention: one matrix product for queries, keys and values
+            qkv = F.linear(x, self.fused_weight, self.fused_bias).view(b, t, 3, self.n_heads, self.head_dim)
+            qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, b, h, t, hd)
+            q, kv = qkv[0], qkv[1:]
+        else:
+            q = self.query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
+            kv = self.key_value(kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         past = past_k.size(2)
         k = torch.cat([past_k, kv[0]], dim=2)  # (b, h, L + t, hd)
         v = torch.cat([past_v, kv[1]], dim=2)

@@ -22,6 +22,7 @@ with --model the file also holds the model's encode / decode / forward, so one f
 encode -> prior -> decode. The quantizer and resolution come from the run.
 """
 import argparse
+import copy
 import hashlib
 import os
 import sys
@@ -388,7 +389,9 @@ class NnPrior(nn.Module):
 
     def __init__(self, prior: models.LatentPrior, dataset: dict):
         super().__init__()
-        prior = prior.eval()
+        prior = copy.deepcopy(prior).eval()
+        for block in list(prior.blocks) + list(prior.encoder):
+            block.attention.fuse_for_inference()  # self-attention only (x is its own key/value)
         ratio = int(dataset["model"]["ratio"])
         if not is_power_of_two(ratio):
             raise UserError(f"latent ratio {ratio} is not a power of two: nn~ cannot play it")
