@@ -881,9 +881,15 @@ class ALiBiAttention(nn.Module):
         self.fused_bias = torch.cat([self.query.bias, self.key_value.bias]).detach()
         self.fused = True
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
-        """x, kv: (batch, frames, dim); past_k, past_v: (batch, heads, L, head_dim) with L < window
-        -> (batch, frames, dim), new past_k, past_v holding the last min(L + frames, window - 1) frames."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                length: int):
+        """x, kv: (batch, frames, dim); past_k, past_v: (batch, heads, capacity, head_dim) whose first
+        `length` frames are the cache -> (batch, frames, dim), new past_k, past_v, new length.
+
+        Growing caches (capacity == length: training, offline) become a slice of the last window-1
+        frames. Preallocated ones (capacity > length: streaming) get new frames written in place and are
+        moved back to the front only past half the capacity: no copy of the whole cache
+        per frame, which dominated the cost of a generated frame on CPU."""
         b, t, d = x.shape
         if self.fused:  # self-attention: one matrix product for queries, keys and values
             qkv = F.linear(x, self.fused_weight, self.fused_bias).view(b, t, 3, self.n_heads, self.head_dim)
@@ -892,20 +898,44 @@ class ALiBiAttention(nn.Module):
         else:
             q = self.query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
             kv = self.key_value(kv).view(b, t, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        past = past_k.size(2)
-        k = torch.cat([past_k, kv[0]], dim=2)  # (b, h, L + t, hd)
-        v = torch.cat([past_v, kv[1]], dim=2)
+        total = length + t
+        capacity = past_k.size(2)
+        if capacity >= total:  # room in the preallocated cache (never the case for growing ones)
+            past_k[:, :, length:total] = kv[0]
+            past_v[:, :, length:total] = kv[1]
+            keys, values = past_k, past_v
+        else:
+            keys = torch.cat([past_k[:, :, :length], kv[0]], dim=2)  # (b, h, L + t, hd)
+            values = torch.cat([past_v[:, :, :length], kv[1]], dim=2)
+        start = max(0, length - (self.window - 1))  # the oldest frame any query here can see
+        past = length - start
+        k, v = keys[:, :, start:total], values[:, :, start:total]  # (b, h, past + t, hd)
         if t == 1 and past == self.window - 1:
             bias = self.step_bias
         else:
             query_pos = torch.arange(past, past + t, device=x.device).view(t, 1)
             key_pos = torch.arange(0, past + t, device=x.device).view(1, past + t)
-            distance = (query_pos - key_pos).float()  # (t, L + t)
+            distance = (query_pos - key_pos).float()  # (t, past + t)
             visible = (distance >= 0) & (distance < self.window)
             bias = torch.where(visible, -self.slopes * distance, torch.tensor(float("-inf"), device=x.device))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (b, h, t, hd)
-        keep = min(past + t, self.window - 1)
-        return self.out(y.transpose(1, 2).reshape(b, t, d)), k[:, :, past + t - keep:], v[:, :, past + t - keep:]
+        if past == 0:  # a full pass (training): the fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (b, h, t, hd)
+        else:  # softmax(q·kᵀ/√d + bias)·v scaling q only (SDPA's CPU path also rescales the cached keys)
+            scores = torch.matmul(q * (self.head_dim ** -0.5), k.transpose(2, 3)) + bias.to(q.dtype)
+            y = torch.matmul(torch.softmax(scores, dim=-1), v)  # (b, h, t, hd)
+        y = self.out(y.transpose(1, 2).reshape(b, t, d))
+        keep = min(total, self.window - 1)
+        if capacity == length:  # growing caches (training, offline): keep the last window-1 frames
+            return y, keys[:, :, total - keep:], values[:, :, total - keep:], keep
+        if capacity >= total and total < capacity // 2:
+            return y, keys, values, total
+        # move the last window-1 frames to the front of a buffer of the same capacity
+        new_k = past_k if capacity >= total else torch.zeros_like(past_k)
+        new_v = past_v if capacity >= total else torch.zeros_like(past_v)
+        tail_k, tail_v = keys[:, :, total - keep:total].clone(), values[:, :, total - keep:total].clone()
+        new_k[:, :, :keep] = tail_k
+        new_v[:, :, :keep] = tail_v
+        return y, new_k, new_v, keep
 
 
 class TransformerBlock(nn.Module):
@@ -923,19 +953,20 @@ class TransformerBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, state: List[torch.Tensor]):
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, state: List[torch.Tensor], length: int):
         """x: (batch, frames, dim); memory: frame-aligned encoder output (unused without cross-attention);
-        state: [past_k, past_v] (+ [cross_k, cross_v]) -> (x, new state)."""
+        state: [past_k, past_v] (+ [cross_k, cross_v]) caches holding `length` frames
+        -> (x, new state, new length)."""
         h = self.norm1(x)
-        y, k, v = self.attention(h, h, state[0], state[1])
+        y, k, v, new_length = self.attention(h, h, state[0], state[1], length)
         x = x + self.dropout(y)
         new_state = [k, v]
         if self.cross_attention is not None:
-            y, k, v = self.cross_attention(self.norm_cross(x), memory, state[2], state[3])
+            y, k, v, new_length = self.cross_attention(self.norm_cross(x), memory, state[2], state[3], length)
             x = x + self.dropout(y)
             new_state += [k, v]
         x = x + self.dropout(self.ffn(self.norm2(x)))
-        return x, new_state
+        return x, new_state, new_length
 
 
 class CoarseToFineHead(nn.Module):
@@ -1009,7 +1040,7 @@ class LatentPrior(nn.Module):
     backbone: "transformer" (causal ALiBi, sliding window = context), "gru", or "seq2seq" (the
     transformer cross-attending to a causal encoder over per-frame conditioning features; the
     features of the frame being predicted are known, as they arrive with it in real time).
-    Streaming state (`init_state`/`step`) gives the same result as a full-sequence pass.
+    Streaming state (`init_state`, then `hidden` chunk by chunk) gives the full-sequence result.
     """
 
     def __init__(self, n_streams: int, resolution: int, backbone: str = "transformer", dim: int = 256,
@@ -1050,13 +1081,19 @@ class LatentPrior(nn.Module):
         return self.embedding(tokens + self.offsets).sum(dim=2)
 
     @torch.jit.export
-    def init_state(self, batch: int) -> List[torch.Tensor]:
-        """Streaming state with no frame seen: GRU hidden state, or one key/value cache per attention."""
+    def init_state(self, batch: int, capacity: int = 0) -> List[torch.Tensor]:
+        """Streaming state with no frame seen: [GRU hidden state], or [number of cached frames,
+        one key and one value cache per attention]. capacity > 0 preallocates the caches (streaming,
+        at least 2·context); 0 lets them grow by concatenation (training, offline)."""
         if self.gru is not None:
             return [torch.zeros(self.n_layers, batch, self.dim, device=self.offsets.device)]
-        empty = torch.zeros(batch, self.n_heads, 0, self.dim // self.n_heads, device=self.offsets.device)
         n_caches = 2 * len(self.encoder) + len(self.blocks) * (4 if self.n_features > 0 else 2)
-        return [empty for _ in range(n_caches)]
+        capacity = max(capacity, 2 * self.context) if capacity > 0 else 0
+        state = [torch.zeros((), dtype=torch.long)]
+        for _ in range(n_caches):
+            state.append(torch.zeros(batch, self.n_heads, capacity, self.dim // self.n_heads,
+                                     device=self.offsets.device))
+        return state
 
     @torch.jit.export
     def hidden(self, tokens: torch.Tensor, features: Optional[torch.Tensor], state: List[torch.Tensor]):
@@ -1068,27 +1105,31 @@ class LatentPrior(nn.Module):
             x, h_n = self.gru(x, state[0])
             new_state.append(h_n)
             return self.norm(x), new_state
+        length = int(state[0])  # frames in the attention caches
+        new_state.append(state[0])  # replaced below
+        new_length = length
         memory = x
-        i = 0
+        i = 1
         if self.feature_in is not None:
             if features is None:
                 raise ValueError("this prior needs conditioning features")
             memory = self.feature_in((features - self.feature_mean) / self.feature_std)
             for block in self.encoder:
-                memory, block_state = block(memory, memory, state[i:i + 2])
+                memory, block_state, new_length = block(memory, memory, state[i:i + 2], length)
                 new_state += block_state
                 i += 2
         width = 4 if self.feature_in is not None else 2  # self-attention k, v (+ cross-attention k, v)
         for block in self.blocks:
-            x, block_state = block(x, memory, state[i:i + width])
+            x, block_state, new_length = block(x, memory, state[i:i + width], length)
             new_state += block_state
             i += width
+        new_state[0] = torch.tensor(new_length)
         return self.norm(x), new_state
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, features: Optional[torch.Tensor] = None):
         """Teacher-forced logits. tokens: (batch, frames, Q) inputs, targets: the frames after them
         -> (batch, frames, Q, resolution)."""
-        h, _ = self.hidden(tokens, features, self.init_state(tokens.size(0)))
+        h, _ = self.hidden(tokens, features, self.init_state(tokens.size(0), 0))
         return self.head(h, targets)
 
     def loss(self, sequence: torch.Tensor, features: Optional[torch.Tensor] = None):

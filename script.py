@@ -401,7 +401,8 @@ class NnPrior(nn.Module):
         self.ratio, self.sample_rate = ratio, int(dataset["model"]["sample_rate"])
         self.register_buffer("film_table", prior.head.film_table().detach())
         # streaming state: backbone state, the last frame's tokens (not yet fed to the backbone)
-        self.state = prior.init_state(1)
+        self.capacity = 4 * prior.context  # preallocated attention caches (see ALiBiAttention)
+        self.state = prior.init_state(1, self.capacity)
         self.register_buffer("previous", torch.zeros(1, self.n_streams, dtype=torch.long), persistent=False)
         self.has_previous = False
         self.batch = 1
@@ -474,7 +475,7 @@ class NnPrior(nn.Module):
 
     # ---- streaming ---------------------------------------------------------------------------
     def _clear(self, batch: int):
-        self.state = self.prior.init_state(batch)
+        self.state = self.prior.init_state(batch, self.capacity)
         self.previous = torch.zeros(batch, self.n_streams, dtype=torch.long)
         self.has_previous = False
         self.batch = batch

@@ -97,19 +97,20 @@ def test_changing_frame_t_never_changes_predictions_before_t(backbone):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_streaming_in_chunks_equals_the_full_sequence_pass(backbone):
     """Chunks of 1, 3 and 7 frames through the streaming state give the full pass's states, also
-    beyond the attention window (context 8 < 30 frames: the sliding key/value cache)."""
+    beyond the attention window (context 8 < 30 frames: the sliding key/value cache), with growing
+    caches and with preallocated ones (moved to the front, or replaced when a chunk does not fit)."""
     model = tiny_prior(backbone, context=8)
     tokens = torch.randint(0, 16, (2, 30, 3))
     features = random_features(backbone, 2, 30)
     with torch.no_grad():
         full, _ = model.hidden(tokens, features, model.init_state(2))
-        for chunk in (1, 3, 7):
-            state, parts = model.init_state(2), []
+        for chunk, capacity in ((1, 0), (3, 0), (7, 0), (1, 16), (3, 16), (7, 16), (20, 16)):
+            state, parts = model.init_state(2, capacity), []
             for i in range(0, 30, chunk):
                 part, state = model.hidden(tokens[:, i:i + chunk],
                                            None if features is None else features[:, i:i + chunk], state)
                 parts.append(part)
-            assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5), chunk
+            assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5), (chunk, capacity)
 
 
 def test_attention_window_limits_what_a_frame_sees():
