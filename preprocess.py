@@ -1,0 +1,488 @@
+"""Encode an audio dataset into latent sequences for the prior (MSPrior's `preprocess`).
+
+    python preprocess.py --audio /path/to/audio/folder --out_path /path/to/db --model /path/to/model.ts
+
+(`--rave` is accepted for `--model`, as in MSPrior.) Every audio file under --audio is read with
+soundfile, mixed to mono, resampled to the model's rate and passed through the model's `encode`
+method (batch 1, input (1, 1, samples)) in chunks of --num_secs seconds. The last chunk is kept:
+it is zero-padded up to a multiple of the latent ratio, so a file of n samples gives exactly
+ceil(n / ratio) latent frames. The model is any nn~-style TorchScript file with an `encode`
+method: a RAVE export or this toolkit's `script.py` export.
+
+Dataset written under --out_path (train_prior.py reads exactly this):
+
+    index.json                  what the dataset holds (below), rewritten atomically as files are encoded
+    latents/<key>.npy           float32 (frames, Q) continuous latents (continuous models only)
+    tokens/<key>.npy            int16 (frames, Q) tokens in [0, resolution)
+    features/<key>.npy          float32 (frames, F) conditioning features (with --features only)
+
+    index.json = {"format": 1,
+                  "model": {"path", "sha256", "sample_rate", "ratio", "latent_dim"},
+                  "discrete": bool, "quantizer": "normal_cdf" | "none", "resolution": int,
+                  "features": [] | ["loudness", "f0"], "num_secs": float,
+                  "files": [{"file": <path relative to --audio>, "key": <npy name>, "frames": int}, ...]}
+
+Continuous latents are quantized with models.quantize_latents (k = floor(Φ(z/2)·N), N =
+--resolution); the quantizer and the resolution are stored in the index, so training and export
+read them from the dataset and cannot disagree. Discrete models' codes are stored as they are
+(quantizer "none").
+
+What is read from the model:
+  - sample rate: its `sample_rate` attribute (script.py exports) or `sr` (RAVE); else --sr.
+  - ratio: encode_params = [in_channels, in_ratio, out_channels, out_ratio]; in_ratio must be 1
+    (audio in), out_ratio is the latent ratio and must be a power of two (as nn~ requires).
+  - latent channels: those named latent_* in `encode_output_labels` when there are some (a
+    script.py export also outputs pred_<task> channels, which are dropped); else all out_channels.
+  - discrete or continuous: discrete if the module has a truthy `is_discrete` attribute, if the
+    TorchScript class name of the module or of its `encoder` contains "Discrete" (a RAVE export of
+    a discrete model is a DiscreteScriptedRAVE whose encoder is a DiscreteEncoder; this is also how
+    MSPrior tells them apart), or if `encode` returns an integer tensor. RAVE returns its codes as
+    floats (z.float()): they are rounded and must be non-negative integers.
+  - codebook size of a discrete model (its resolution): the first of the attributes `n_codes`,
+    `codebook_size`, `quantizer.n_codes` (older RAVE exports), `encoder.rvq.layers.0.codebook_size`
+    (RAVE v2 exports); if none exists, the largest code seen + 1 (printed as such).
+  - `get_latency("encode")` when the model has it (script.py exports): the latents are shifted by
+    that many samples (rounded to frames) so that frame t describes samples [t·ratio, (t+1)·ratio).
+Each file is encoded by a fresh copy of the loaded model, so a streaming model's state never
+carries from one file to the next, and chunking never changes its latents.
+
+Features (--features loudness,f0), one value per latent frame t, for the seq2seq prior:
+  - loudness: RMS of samples [t·ratio, (t+1)·ratio) in dB, floored at -100 dB;
+  - f0: torchcrepe (extract_pitch.py's crepe path, --crepe tiny by default) at the frame's centre,
+    in Hz, 0 where unvoiced (crepe periodicity < 0.5 or frame level < -60 dB).
+
+Re-running on the same --out_path adds new files and skips those already in the index; it refuses
+when the model (its sha256), the resolution or the features differ from the index's, since the
+dataset would mix incompatible sequences. An unreadable audio file is skipped with a warning and
+listed at the end; the run goes on. Ctrl-C keeps everything encoded so far.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+from tqdm import tqdm
+
+import data
+import models
+from data import UserError
+
+FORMAT = 1
+FEATURES = ("loudness", "f0")  # stored in this order, whatever the order given on the command line
+LOUDNESS_FLOOR_DB = -100.0
+CREPE_FMIN, CREPE_FMAX = 50.0, 1000.0  # as extract_pitch.py's defaults
+CREPE_THRESHOLD, CREPE_SILENCE_DB = 0.5, -60.0
+CREPE_STEP_S = 0.010  # crepe runs every max(latent hop, 10 ms)
+CODEBOOK_ATTRIBUTES = ("n_codes", "codebook_size", "quantizer.n_codes", "encoder.rvq.layers.0.codebook_size")
+INDEX_EVERY_S = 5.0  # index.json is rewritten at most this often while encoding (and always at the end)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--audio", required=True,
+                   help="folder of audio files (searched recursively: wav, aif(f), flac, ogg, mp3), or one file")
+    p.add_argument("--out_path", required=True,
+                   help="dataset folder to create, or to extend if it already holds an index.json")
+    p.add_argument("--model", "--rave", dest="model", required=True,
+                   help="TorchScript model with an `encode` method (RAVE export or script.py export)")
+    p.add_argument("--num_secs", type=float, default=None,
+                   help="chunk length in seconds passed to encode at once (default 16; rounded down to a "
+                        "multiple of the latent ratio). On an existing dataset, the index's value is kept")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="number of quantization bins of continuous latents (default 64, or the existing "
+                        "dataset's); ignored for discrete models, whose codebook size is used")
+    p.add_argument("--features", default="",
+                   help="comma-separated conditioning features per latent frame, for the seq2seq prior: "
+                        "loudness (dB), f0 (Hz, 0 where unvoiced), e.g. --features loudness,f0")
+    p.add_argument("--crepe", choices=["tiny", "full"], default="tiny",
+                   help="torchcrepe model for the f0 feature (default tiny; full is ~25x slower on CPU)")
+    p.add_argument("--sr", type=int, default=None,
+                   help="the model's sample rate, only needed when the model exposes none "
+                        "(no `sample_rate` or `sr` attribute)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the model and crepe (default cpu; cuda works with models whose "
+                        "encode supports it, e.g. RAVE)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's default)")
+    args = p.parse_args(argv)
+    args.features = parse_features(args.features)
+    if args.num_secs is not None and not args.num_secs > 0:
+        raise UserError(f"--num_secs must be a positive number of seconds, got {args.num_secs}")
+    if args.resolution is not None and not 2 <= args.resolution <= 32767:
+        raise UserError(f"--resolution must lie in 2..32767 (tokens are stored as int16), got {args.resolution}")
+    if args.sr is not None and args.sr < 1:
+        raise UserError(f"--sr must be a positive sample rate, got {args.sr}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
+    return args
+
+
+def parse_features(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FEATURES]
+    if unknown:
+        raise UserError(f"--features: unknown feature(s) {', '.join(unknown)} (available: {', '.join(FEATURES)})")
+    return [name for name in FEATURES if name in names]
+
+
+def is_power_of_two(n):
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dotted_attribute(module, name):
+    """module.a.b.0.c, or None when any step is missing (ModuleList items are attributes '0', '1'...)."""
+    obj = module
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except (AttributeError, RuntimeError):
+            return None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Encoder:
+    """A loaded TorchScript model and what preprocessing needs to know about it."""
+
+    def __init__(self, path, sr=None, device="cpu"):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such model file")
+        try:
+            module = torch.jit.load(str(path), map_location=device)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path}: not a TorchScript model ({reason})") from None
+        if not hasattr(module, "encode"):
+            raise UserError(f"{path}: the model has no `encode` method (methods: "
+                            f"{', '.join(self._methods(module)) or 'none found'}); preprocessing needs an "
+                            "encoder, e.g. a RAVE export or a script.py export")
+        params = getattr(module, "encode_params", None)
+        if not isinstance(params, torch.Tensor) or params.numel() != 4:
+            raise UserError(f"{path}: the model has no `encode_params` buffer [in_channels, in_ratio, "
+                            "out_channels, out_ratio], as nn~ models have")
+        self.in_channels, in_ratio, self.out_channels, self.ratio = [int(v) for v in params.tolist()]
+        if in_ratio != 1:
+            raise UserError(f"{path}: encode takes an input at ratio {in_ratio}; preprocessing needs audio in "
+                            "(in_ratio 1)")
+        if not is_power_of_two(self.ratio):
+            raise UserError(f"{path}: the latent ratio (encode_params[3]) is {self.ratio}, not a power of two "
+                            "(nn~ needs power-of-two ratios)")
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise UserError(f"{path}: encode_params {params.tolist()} declare no input or no output channel")
+
+        model_sr = getattr(module, "sample_rate", None)
+        if model_sr is None:
+            model_sr = getattr(module, "sr", None)
+        if model_sr is None:
+            if sr is None:
+                raise UserError(f"{path}: the model exposes no sample rate (no `sample_rate` or `sr` "
+                                "attribute): pass it with --sr")
+            model_sr = sr
+        elif sr is not None and int(sr) != int(model_sr):
+            raise UserError(f"--sr {sr} differs from the model's own sample rate {int(model_sr)} Hz")
+        self.sample_rate = int(model_sr)
+
+        labels = getattr(module, "encode_output_labels", None)
+        latent = [i for i, name in enumerate(labels or []) if str(name).startswith("latent_")]
+        self.channels = latent if latent else list(range(self.out_channels))
+        self.latent_dim = len(self.channels)
+        input_labels = list(getattr(module, "encode_input_labels", None) or [])
+        # script.py exports take label signals after the audio (negative = unknown); other
+        # multi-channel models (RAVE with n_channels > 1) get the mono mix on every channel
+        self.label_inputs = bool(input_labels) and input_labels[0] == "audio"
+        try:  # samples between encode's input and output streams (script.py exports say it)
+            latency = int(module.get_latency("encode")) if hasattr(module, "get_latency") else 0
+        except Exception:
+            latency = 0
+        self.delay_frames = max(0, int(round(latency / self.ratio)))
+
+        self.path, self.module, self.device = path.resolve(), module, device
+        self.sha256 = file_sha256(path)
+        self.discrete = bool(getattr(module, "is_discrete", False)) or any(
+            "Discrete" in str(getattr(m, "original_name", "")) for m in (module, getattr(module, "encoder", None)))
+        probe = self._call(copy.deepcopy(module), torch.zeros(1, self.in_channels, 4 * self.ratio), "a silent input")
+        if not probe.is_floating_point():
+            self.discrete = True
+        self.codebook_size = None
+        if self.discrete:
+            for name in CODEBOOK_ATTRIBUTES:
+                value = dotted_attribute(module, name)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    self.codebook_size = value
+                    break
+
+    @staticmethod
+    def _methods(module):
+        try:
+            return list(module.get_methods())
+        except Exception:
+            return [name for name in ("forward", "decode", "prior") if hasattr(module, name)]
+
+    def _call(self, module, x, what):
+        """encode one chunk: x (1, in_channels, L) -> (out_channels, L / ratio), checked."""
+        try:
+            with torch.no_grad():
+                y = module.encode(x.to(self.device))
+        except Exception as e:
+            message = str(e).strip().splitlines()
+            raise UserError(f"{self.path}: encode failed on {what} of shape "
+                            f"{tuple(x.shape)} ({message[-1] if message else type(e).__name__})") from None
+        expected = (1, self.out_channels, x.shape[-1] // self.ratio)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise UserError(f"encode answered {got} for an input {tuple(x.shape)}, expected {expected} "
+                            f"(encode_params says {self.out_channels} channels at ratio {self.ratio})")
+        return y[0].cpu()
+
+    def encode(self, audio, chunk):
+        """Mono audio (samples,) -> (ceil(samples / ratio), out_channels) latents, encoded chunk by chunk."""
+        frames = -(-audio.shape[0] // self.ratio)
+        # zero-pad to whole frames, plus the model's latency (its first frames are dropped below)
+        total = (frames + self.delay_frames) * self.ratio
+        audio = F.pad(audio, (0, total - audio.shape[0]))
+        if self.in_channels == 1:
+            x = audio.view(1, 1, -1)
+        elif self.label_inputs:  # audio + label signals, all "unknown"
+            x = torch.cat([audio.view(1, 1, -1), torch.full((1, self.in_channels - 1, total), -1.0)], dim=1)
+        else:
+            x = audio.view(1, 1, -1).expand(1, self.in_channels, total)
+        module = copy.deepcopy(self.module)  # fresh streaming state for every file
+        outputs = [self._call(module, x[..., start:start + chunk].contiguous(), "a chunk")
+                   for start in range(0, total, chunk)]
+        z = torch.cat(outputs, dim=1)[:, self.delay_frames:]  # (out_channels, frames)
+        return z.t().contiguous()
+
+
+def code_tokens(z, codebook_size, path):
+    """A discrete model's codes (frames, Q), float (RAVE) or integer -> int16 tokens, checked."""
+    codes = torch.round(z.double())
+    if not torch.isfinite(codes).all() or (codes - z.double()).abs().max() > 1e-3 or codes.min() < 0:
+        raise UserError(f"{path}: the model is discrete but its codes are not non-negative integers")
+    if codebook_size is not None and codes.max() >= codebook_size:
+        raise UserError(f"{path}: code {int(codes.max())} is outside the model's codebook (size {codebook_size})")
+    if codes.max() > 32767:
+        raise UserError(f"{path}: code {int(codes.max())} does not fit the int16 token files")
+    return codes.to(torch.int16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Features
+
+
+def loudness_db(audio, ratio, frames):
+    """RMS of each ratio block in dB, floored at -100 dB: (frames,) float32. The last block's mean
+    is over its real samples only (not the zero padding)."""
+    padded = F.pad(audio, (0, frames * ratio - audio.shape[0]))
+    energy = padded.view(frames, ratio).pow(2).sum(dim=1)  # (frames,)
+    count = torch.full((frames,), float(ratio))
+    count[-1] = audio.shape[0] - (frames - 1) * ratio
+    rms = (energy / count).sqrt()
+    floor = 10 ** (LOUDNESS_FLOOR_DB / 20)
+    return (20 * torch.log10(rms.clamp_min(floor))).numpy().astype(np.float32)
+
+
+def crepe_f0(audio, sr, ratio, frames, forward, args):
+    """f0 in Hz at the centre of each latent frame ((t + 0.5)·ratio samples), 0 where unvoiced."""
+    import extract_pitch as ep  # imported on use: torchcrepe takes a while to import
+    audio16 = torchaudio.functional.resample(audio, sr, ep.CREPE_SR) if sr != ep.CREPE_SR else audio
+    hop16 = ratio * ep.CREPE_SR / sr  # latent hop in 16 kHz samples
+    step = max(1, round(max(hop16, CREPE_STEP_S * ep.CREPE_SR)))
+    # crepe frame k is centred at offset + k·step: with step ≈ hop16 that is latent frame k's centre
+    offset = min(int(round(hop16 / 2)), max(0, audio16.shape[0] - 1))
+    batch = 1024 if args.crepe == "tiny" else 256
+    salience, rms_db = ep.crepe_salience(audio16[offset:], step, forward, batch, args.device)
+    f0, periodicity = ep.decode(salience, CREPE_FMIN, CREPE_FMAX, "viterbi")
+    voiced = (periodicity >= CREPE_THRESHOLD) & (rms_db >= CREPE_SILENCE_DB)
+    position = ((np.arange(frames) + 0.5) * hop16 - offset) / step  # latent frame centres in crepe frames
+    position = position.clip(0, len(f0) - 1)
+    nearest = np.round(position).astype(np.int64)
+    below, above = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
+    # log-f0 interpolated between two voiced crepe frames, else the nearest frame's f0
+    f0_at = np.where(voiced[below] & voiced[above], 2 ** np.interp(position, np.arange(len(f0)), np.log2(f0)),
+                     f0[nearest])
+    return np.where(voiced[nearest], f0_at, 0.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset folder
+
+
+def save_npy(path, array):
+    """np.save through a temporary file: an interrupted run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def make_key(rel, used):
+    """'sub dir/a.wav' -> 'sub_dir__a', unique among `used` (compared case-insensitively)."""
+    parts = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in Path(rel).with_suffix("").parts]
+    key = "__".join(parts).lstrip(".") or "file"
+    candidate, n = key, 2
+    while candidate.lower() in used:
+        candidate, n = f"{key}-{n}", n + 1
+    used.add(candidate.lower())
+    return candidate
+
+
+def read_index(path):
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the dataset index ({e}); remove it or use another --out_path") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("files"), list):
+        raise UserError(f"{path}: not a dataset index of this toolkit (format {FORMAT}); use another --out_path")
+    return index
+
+
+def check_compatible(index, index_path, encoder, args):
+    """Refuse to extend a dataset with latents it could not be trained with alongside."""
+    if index["model"].get("sha256") != encoder.sha256:
+        raise UserError(f"{index_path} was encoded with another model ({index['model'].get('path')}, sha256 "
+                        f"{str(index['model'].get('sha256'))[:12]}...) than {encoder.path} (sha256 "
+                        f"{encoder.sha256[:12]}...): the dataset would mix incompatible latents; "
+                        "use another --out_path")
+    if not encoder.discrete and args.resolution is not None and index.get("resolution") != args.resolution:
+        raise UserError(f"{index_path} was quantized at resolution {index.get('resolution')}, not --resolution "
+                        f"{args.resolution}: the dataset would mix incompatible tokens; pass --resolution "
+                        f"{index.get('resolution')} or use another --out_path")
+    if index.get("features", []) != args.features:
+        wanted = ",".join(index.get("features", [])) or "''"
+        raise UserError(f"{index_path} holds features {index.get('features', []) or 'none'}, not "
+                        f"{args.features or 'none'}: pass --features {wanted} or use another --out_path")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    audio_root, out = Path(args.audio), Path(args.out_path)
+    if not audio_root.exists():
+        raise UserError(f"{audio_root}: no such folder")
+    files = data.find_audio_files(audio_root)
+    if not files:
+        raise UserError(f"{audio_root}: no audio files found ({', '.join(data.AUDIO_EXTENSIONS)})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available (use --device cpu)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    encoder = Encoder(args.model, args.sr, args.device)
+    index_path = out / "index.json"
+    if index_path.exists():
+        index = read_index(index_path)
+        check_compatible(index, index_path, encoder, args)
+        if args.num_secs is not None and args.num_secs != index["num_secs"]:
+            print(f"note: --num_secs {args.num_secs} ignored: the dataset's chunks are {index['num_secs']} s",
+                  file=sys.stderr)
+        index["model"]["path"] = str(encoder.path)
+    else:
+        index = {"format": FORMAT,
+                 "model": {"path": str(encoder.path), "sha256": encoder.sha256, "sample_rate": encoder.sample_rate,
+                           "ratio": encoder.ratio, "latent_dim": encoder.latent_dim},
+                 "discrete": encoder.discrete, "quantizer": "none" if encoder.discrete else "normal_cdf",
+                 "resolution": (encoder.codebook_size or 1) if encoder.discrete else (args.resolution or 64),
+                 "features": args.features, "num_secs": float(args.num_secs or 16.0), "files": []}
+    chunk = max(encoder.ratio, int(index["num_secs"] * encoder.sample_rate) // encoder.ratio * encoder.ratio)
+
+    kind = "discrete codes (stored as they are)" if encoder.discrete else \
+        f"continuous latents (quantized normal_cdf, resolution {index['resolution']})"
+    print(f"model {encoder.path.name}: {encoder.sample_rate} Hz, ratio {encoder.ratio}, "
+          f"{encoder.latent_dim} {kind}")
+    if encoder.discrete and encoder.codebook_size is None:
+        print("note: the model exposes no codebook size (n_codes, codebook_size...): the resolution is the "
+              "largest code seen + 1", file=sys.stderr)
+    if args.resolution is not None and encoder.discrete:
+        print("note: --resolution is ignored for a discrete model (its codebook size is used)", file=sys.stderr)
+
+    rel_of = {f: (f.relative_to(audio_root).as_posix() if audio_root.is_dir() else f.name) for f in files}
+    done = {entry["file"] for entry in index["files"]}
+    todo = [f for f in files if rel_of[f] not in done]
+    used_keys = {entry["key"].lower() for entry in index["files"]}
+    for sub in ["tokens"] + ([] if encoder.discrete else ["latents"]) + (["features"] if args.features else []):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    forward = None
+    if "f0" in args.features:
+        import extract_pitch
+        forward = extract_pitch.load_crepe(args.crepe, args.device)
+
+    failed, n_new, n_frames, audio_s = [], 0, 0, 0.0
+    start_time = last_write = time.perf_counter()
+    data.write_json_atomic(index_path, index)
+    try:
+        bar = tqdm(todo, unit="file", desc="encode", dynamic_ncols=True, file=sys.stderr, disable=not todo)
+        for f in bar:
+            rel = rel_of[f]
+            try:
+                audio = data.load_audio(f, encoder.sample_rate)  # (samples,)
+            except data.AudioError as e:
+                bar.write(f"warning: skipping {e}", file=sys.stderr)
+                failed.append(rel)
+                continue
+            z = encoder.encode(audio, chunk)  # (frames, out_channels)
+            z = z[:, encoder.channels]  # (frames, Q)
+            frames = z.shape[0]
+            key = make_key(rel, used_keys)
+            if encoder.discrete:
+                tokens = code_tokens(z, encoder.codebook_size, f)
+                index["resolution"] = max(index["resolution"], int(tokens.max()) + 1)
+            else:
+                if not torch.isfinite(z).all():
+                    raise UserError(f"{f}: the model's encode produced non-finite latents")
+                save_npy(out / "latents" / f"{key}.npy", z.float().numpy())
+                tokens = models.quantize_latents(z, index["resolution"]).to(torch.int16)
+            save_npy(out / "tokens" / f"{key}.npy", tokens.numpy())
+            if args.features:
+                columns = {}
+                if "loudness" in args.features:
+                    columns["loudness"] = loudness_db(audio, encoder.ratio, frames)
+                if "f0" in args.features:
+                    columns["f0"] = crepe_f0(audio, encoder.sample_rate, encoder.ratio, frames, forward, args)
+                save_npy(out / "features" / f"{key}.npy", np.stack([columns[n] for n in args.features], axis=1))
+            index["files"].append({"file": rel, "key": key, "frames": int(frames)})
+            n_new, n_frames = n_new + 1, n_frames + frames
+            audio_s += audio.shape[0] / encoder.sample_rate
+            if time.perf_counter() - last_write > INDEX_EVERY_S:
+                data.write_json_atomic(index_path, index)
+                last_write = time.perf_counter()
+        bar.close()
+    finally:  # also on Ctrl-C and errors: the index lists exactly the files whose .npy are complete
+        data.write_json_atomic(index_path, index)
+
+    elapsed = time.perf_counter() - start_time
+    print(f"encoded {n_new} new file(s), {audio_s:.1f} s of audio, {n_frames} frames in {elapsed:.1f} s; "
+          f"{len(files) - len(todo)} already in the dataset; {out} now holds {len(index['files'])} file(s)")
+    if failed:
+        print(f"skipped {len(failed)} unreadable file(s): {', '.join(failed)}", file=sys.stderr)
+    if not index["files"]:
+        raise UserError(f"none of the {len(files)} audio file(s) could be read: the dataset is empty")
+    return index
+
+
+if __name__ == "__main__":
+    data.run_main(main)
