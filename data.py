@@ -720,3 +720,173 @@ class LatentSequences:
         log_p = (counts / counts.sum(1, keepdim=True)).log()
         tokens = other.tokens.cpu()  # (frames, Q)
         return float(-log_p.gather(1, tokens.t()).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed training (torchrun)
+#
+# `torchrun --nproc_per_node N script.py ...` starts N copies of a script with RANK, WORLD_SIZE,
+# LOCAL_RANK, MASTER_ADDR and MASTER_PORT in their environment. A trainer calls init_distributed()
+# once; without those variables (a plain `python script.py`) no process group is created and every
+# helper below acts as for one process, so single-process runs behave exactly as before.
+# Collectives (broadcast_object, main_process_first, replicas_in_sync) must be reached by every
+# rank in the same order: decide anything that changes control flow on rank 0 and broadcast it.
+
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+from typing import NamedTuple, Optional  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+
+class DistInfo(NamedTuple):
+    rank: int              # global rank, 0 .. world_size - 1 (0 without torchrun)
+    world_size: int        # number of processes (1 without torchrun)
+    local_rank: int        # rank on this machine: the index of the CUDA device it uses
+    device: torch.device   # where this process trains
+    backend: Optional[str]  # "nccl" (CUDA), "gloo" (CPU), or None without torchrun
+
+    @property
+    def is_main(self):
+        """Rank 0: the one process that logs, validates and writes files."""
+        return self.rank == 0
+
+
+def resolve_device(setting="auto"):
+    """A train.device setting (auto | cpu | cuda | cuda:K) -> torch.device; auto is cuda when available."""
+    if setting in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {setting!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto)")
+    return device
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    """This process's global rank (RANK of torchrun before the process group exists; 0 without torchrun)."""
+    return dist.get_rank() if _distributed() else int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only: under torchrun the N processes would print every line N times."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def init_distributed(device_setting="auto", timeout_s=1800):
+    """Join the process group that torchrun describes in the environment and pick this process's device.
+
+    Under torchrun: nccl with cuda:LOCAL_RANK when the setting resolves to CUDA, else gloo on the CPU;
+    `timeout_s` bounds how long a collective waits (e.g. the other ranks while rank 0 validates).
+    Without torchrun: no process group, DistInfo(rank 0, world_size 1, device of the setting)."""
+    device = resolve_device(device_setting)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, device, None)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process with LOCAL_RANK {local_rank} has no CUDA device (this machine has "
+                              f"{torch.cuda.device_count()}): use --nproc_per_node <= {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return DistInfo(rank, world_size, local_rank, device, backend)
+
+
+def cleanup_distributed():
+    """Leave the process group at the end of a successful run (nothing without one). Every rank
+    must call it: it waits for all of them first (destroying a gloo group while a peer is still
+    leaving can hang). After an error, do not call it: torchrun stops the other processes."""
+    if _distributed():
+        barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    """Wait until every rank gets here (nothing without a process group)."""
+    if _distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    """Rank `src`'s `obj` (any picklable value) on every rank; `obj` itself without a process group.
+    Every rank must call it; what the others pass is ignored."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the body on rank 0 first and then on the other ranks, e.g. rank 0 computes the spectra
+    cache and the others read it instead of computing the same files N times."""
+    if _distributed() and dist.get_rank() != 0:
+        barrier()
+    yield
+    if _distributed() and dist.get_rank() == 0:
+        barrier()
+
+
+def shard_indices(n, epoch, seed, device=None):
+    """This process's example order for one epoch: an int64 tensor on `device`, copied there once.
+
+    One process: torch.randperm(n) from the global generator (what a single-process run always did).
+    Under torchrun: torch.utils.data.DistributedSampler(shuffle, drop_last) with set_epoch(epoch),
+    i.e. one permutation seeded by seed + epoch, the same on every rank, of which each rank takes a
+    disjoint n // world_size share (every rank then runs the same number of steps)."""
+    if not _distributed():
+        return torch.randperm(n, device=device)
+    from torch.utils.data import DistributedSampler
+    sampler = DistributedSampler(range(n), num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+                                 shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long).to(device)
+
+
+def wrap_ddp(model, dist_info):
+    """`model` in DistributedDataParallel when there are several processes, else `model` itself.
+    Keep the plain model for saving and evaluation: its state_dict has no `module.` prefix."""
+    if dist_info.world_size <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    # buffers (e.g. normalisation statistics) are equal on every rank and never trained:
+    # broadcasting them before every forward would cost one more collective per step
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def replicas_in_sync(model):
+    """True when every rank holds bit-identical parameters and buffers of `model`: a SHA-256 of this
+    rank's state_dict is all-reduced as MAX and MIN, which agree only when every rank's digest does.
+    True without a process group. Every rank must call it."""
+    if not _distributed():
+        return True
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    checksum = torch.from_numpy(np.frombuffer(digest.digest(), dtype=np.int64).copy()).to(device)  # (4,)
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))

@@ -258,14 +258,12 @@ def fill_missing_labels(model, labels, logits=None):
     out = {}
     for task, dim in model.task_dims.items():
         y = labels[task]
-        missing = y < 0
-        if missing.any():
-            if logits is not None and task in logits:
-                fill = logits[task].argmax(-1)
-            else:
-                fill = torch.randint(0, dim, y.shape, device=y.device)
-            y = torch.where(missing, fill, y)
-        out[task] = y
+        # always drawn and merged: `if (y < 0).any()` would be a host sync in every training step
+        if logits is not None and task in logits:
+            fill = logits[task].argmax(-1)
+        else:
+            fill = torch.randint(0, dim, y.shape, device=y.device)
+        out[task] = torch.where(y < 0, fill, y)
     return out
 
 

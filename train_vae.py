@@ -7,8 +7,15 @@ and means the same); values are YAML scalars. Runs go to rundir/name/version_K/ 
 config.yaml, split.json, last.pt, best.pt and TensorBoard logs (tensorboard --logdir rundir).
 `+check=1` prints the model and a dataset summary and exits; `+resume=1` continues the latest
 version of rundir/name (or resume=path/to/version_K).
+
+Several GPUs (or CPU processes): `torchrun --nproc_per_node N train_vae.py --config-name ...`
+trains with DistributedDataParallel. Each process takes train.batch_size frames per step, so the
+effective batch is N × train.batch_size; train.lr is used as given (not scaled with N). Only rank 0
+logs, validates and writes the run folder; +resume=1 works the same way. On CUDA, train.amp=1
+trains in mixed precision and train.compile=1 compiles the model with torch.compile.
 """
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -53,12 +60,12 @@ DEFAULTS = {
         "prediction": {},                # task: {dim, type: MLPEncoder, args: {nlayers, hidden_dims}, target_dist: Categorical}
     },
     "train": {
-        "batch_size": 256,
-        "lr": 1e-3,
+        "batch_size": 256,               # frames per step and process (torchrun: N processes × this)
+        "lr": 1e-3,                      # used as given: not scaled with the number of processes
         "max_epochs": None,              # stop after this many passes over the training frames ...
         "max_steps": 20000,              # ... or this many optimizer steps, whichever comes first
         "seed": 0,
-        "device": "auto",                # auto | cpu | cuda
+        "device": "auto",                # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
         "num_threads": None,             # CPU threads for torch (default: torch's choice)
         "beta": 0.02,                    # weight of the KL term after warm-up
         "beta_warmup_steps": 2000,
@@ -68,6 +75,8 @@ DEFAULTS = {
         "log_every": 100,                # progress line + TensorBoard scalars every N steps
         "val_every": 500,                # validation + checkpoints every N steps (and at the end)
         "patience": None,                # stop after N validations without improvement
+        "amp": 0,                        # 1: mixed precision on CUDA (bf16 if supported, else fp16 + GradScaler)
+        "compile": 0,                    # 1: torch.compile the model for the training step
     },
 }
 OPEN_SECTIONS = ("data.dataset.metadata_callbacks", "model.conditioning", "model.prediction")
@@ -144,13 +153,17 @@ def parse_args(argv):
 
 
 def compute_losses(model, mags, labels, config, step, augment=False):
-    """Every loss term of one batch. mags: (batch, bins) linear magnitudes; labels[task]: (batch,)."""
+    """Every loss term of one batch. mags: (batch, bins) linear magnitudes; labels[task]: (batch,).
+
+    `model` is the SpectralVAE, or it wrapped in DistributedDataParallel and/or torch.compile: its
+    forward is called through the wrapper. No host synchronisation (the values stay on the device)."""
     tc = config["train"]
+    vae = getattr(model, "module", model)  # DDP holds the SpectralVAE in .module
     if augment:
         a = config["data"]["augment"]
         mags = data.augment_frames(mags, a["roll_p"], a["roll_range"], a["gain_std"])
-    x = model.normalize(mags)  # (batch, bins)
-    cond = models.fill_missing_labels(model, labels)  # unlabelled -> random classes
+    x = vae.normalize(mags)  # (batch, bins)
+    cond = models.fill_missing_labels(vae, labels)  # unlabelled -> random classes
     x_hat, mean, logvar, z = model(x, cond, sample=model.training)
     sc = models.spectral_convergence_loss(x_hat, x)
     log_l1 = (x_hat - x).abs().mean()
@@ -158,16 +171,23 @@ def compute_losses(model, mags, labels, config, step, augment=False):
     beta = models.beta_schedule(step, tc["beta"], tc["beta_warmup_steps"])
     out = {"sc": sc, "log_l1": log_l1, "kl": kl.sum(-1).mean(), "beta": torch.tensor(beta),
            "loss": sc + tc["log_magnitude_weight"] * log_l1 + beta * models.free_bits_kl(kl, tc["free_bits"])}
-    for task, logits in model.predict(z).items():
+    for task, logits in vae.predict(z).items():
         y = labels[task]
         labelled = y >= 0
         # the seed's rule: where the label is unknown the predictor is trained on random labels
         target = torch.where(labelled, y, torch.randint_like(y, logits.shape[-1]))
         out[f"pred_{task}"] = F.cross_entropy(logits, target)
         out["loss"] = out["loss"] + tc["predictor_weight"] * out[f"pred_{task}"]
-        if labelled.any():
-            out[f"acc_{task}"] = (logits.argmax(-1)[labelled] == y[labelled]).float().mean()
+        # accuracy over the labelled frames; NaN when the batch has none (host_scalars leaves it out)
+        out[f"acc_{task}"] = ((logits.argmax(-1) == y) & labelled).sum() / labelled.sum()
     return out
+
+
+def host_scalars(losses):
+    """Python floats of a loss dict (a host sync: only at log and validation time), without the
+    accuracies of batches that held no labelled frame."""
+    values = {k: float(v) for k, v in losses.items()}
+    return {k: v for k, v in values.items() if not (k.startswith("acc_") and math.isnan(v))}
 
 
 @torch.no_grad()
@@ -179,8 +199,8 @@ def evaluate(model, frames, config, step, device):
     for start in range(0, len(frames), bs):
         mags = frames.mags[start:start + bs].to(device)
         labels = {t: v[start:start + bs].to(device) for t, v in frames.labels.items()}
-        for k, v in compute_losses(model, mags, labels, config, step).items():
-            totals[k] = totals.get(k, 0.0) + float(v) * mags.shape[0]
+        for k, v in host_scalars(compute_losses(model, mags, labels, config, step)).items():
+            totals[k] = totals.get(k, 0.0) + v * mags.shape[0]
             counts[k] = counts.get(k, 0) + mags.shape[0]
     model.train()
     return {k: totals[k] / counts[k] for k in totals}
@@ -230,6 +250,7 @@ def summarize(frames, metadata, config, split_name):
 
 def main(argv=None):
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    print0 = data.print0  # print on rank 0 only (a plain print without torchrun)
 
     # ---- run folder: a new version, or the one we resume -------------------------------------
     resume_dir = None
@@ -243,19 +264,19 @@ def main(argv=None):
             if key.startswith("train."):  # e.g. train.max_steps=... extends a finished run
                 data.set_dotted(saved, key, value)
         config = dict(saved, resume=config["resume"], check=config["check"])
-        print(f"resuming {resume_dir}")
+        print0(f"resuming {resume_dir}")
 
     tc, t = config["train"], config["data"]["transform"]
     ds = config["data"]["dataset"]
     if ds["root"] is None:
         raise ConfigError("no dataset: set +data.dataset.root=path/to/my_data")
-    torch.manual_seed(tc["seed"])
+
+    # ---- processes and device: one process, or N under torchrun (process group from its env) --
+    dist_info = data.init_distributed(tc["device"])
+    device = dist_info.device
+    torch.manual_seed(tc["seed"] + dist_info.rank)  # own noise per rank; DDP copies rank 0's weights
     if tc["num_threads"]:
         torch.set_num_threads(tc["num_threads"])
-    device = torch.device("cuda" if tc["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if tc["device"] == "auto" else tc["device"]))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto)")
 
     # ---- data -------------------------------------------------------------------------------
     check = bool(config["check"])
@@ -275,55 +296,62 @@ def main(argv=None):
 
     def warn(message):
         warnings.append(message)
-        print(message, file=sys.stderr)
+        print0(message, file=sys.stderr)
 
-    train_set = data.FrameSet(ds["root"], split["train"], metadata, callbacks, t, cache, warn=warn)
-    valid_set = data.FrameSet(ds["root"], split["valid"], metadata, callbacks, t, cache, warn=warn)
+    with data.main_process_first():  # under torchrun rank 0 fills the spectra cache, the others read it
+        train_set = data.FrameSet(ds["root"], split["train"], metadata, callbacks, t, cache,
+                                  progress=dist_info.is_main, warn=warn)
+        valid_set = data.FrameSet(ds["root"], split["valid"], metadata, callbacks, t, cache,
+                                  progress=dist_info.is_main, warn=warn)
     if len(train_set) == 0 and not check:
         raise UserError(f"{ds['root']}: no usable training audio (every file was skipped)")
 
     model = models.build_vae(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     if check:
-        print(model)
-        print(f"parameters: {n_params:,}")
-        print(f"dataset {ds['root']}: {len(files)} audio files")
-        print(summarize(train_set, metadata, config, "train"))
-        print(summarize(valid_set, metadata, config, "valid"))
+        print0(model)
+        print0(f"parameters: {n_params:,}")
+        print0(f"dataset {ds['root']}: {len(files)} audio files")
+        print0(summarize(train_set, metadata, config, "train"))
+        print0(summarize(valid_set, metadata, config, "valid"))
         for message in problems + warnings:
-            print(f"problem: {message}")
-        print(f"{len(problems)} metadata problem(s), {len(warnings)} audio file(s) skipped")
+            print0(f"problem: {message}")
+        print0(f"{len(problems)} metadata problem(s), {len(warnings)} audio file(s) skipped")
+        data.cleanup_distributed()
         sys.exit(1 if problems else 0)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"])
     step, epoch, best_val = 0, 0, math.inf
-    if resume_dir is not None:
+    if resume_dir is not None:  # every rank loads last.pt
         checkpoint = models.load_checkpoint(resume_dir / "last.pt")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, epoch, best_val = checkpoint["step"], checkpoint["epoch"], checkpoint["best_val"]
         run_dir = resume_dir
-        torch.manual_seed(tc["seed"] + step)
+        torch.manual_seed(tc["seed"] + step + dist_info.rank)
     else:
         # normalisation statistics of the training set, stored in the model
         logmag = torch.log1p(train_set.mags)
         model.norm_offset.fill_(logmag.min().item())
         model.norm_scale.fill_(max(logmag.max().item() - logmag.min().item(), 1e-6))
-        run_dir = data.new_version_dir(Path(config["rundir"]) / config["name"])
-        data.write_yaml_atomic(run_dir / "config.yaml", config)
-        data.write_json_atomic(run_dir / "split.json", split)
-    print(f"run {run_dir}: {len(train_set)} training frames ({len(train_set.files)} files), "
-          f"{len(valid_set)} validation frames ({len(valid_set.files)} files), {n_params:,} parameters, {device}")
+        run_dir = None
+        if dist_info.is_main:
+            run_dir = data.new_version_dir(Path(config["rundir"]) / config["name"])
+            data.write_yaml_atomic(run_dir / "config.yaml", config)
+            data.write_json_atomic(run_dir / "split.json", split)
+        run_dir = data.broadcast_object(run_dir)  # rank 0 made the folder: every rank gets its path
+    print0(f"run {run_dir}: {len(train_set)} training frames ({len(train_set.files)} files), "
+           f"{len(valid_set)} validation frames ({len(valid_set.files)} files), {n_params:,} parameters, {device}")
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(log_dir=str(run_dir))
+    writer = SummaryWriter(log_dir=str(run_dir)) if dist_info.is_main else None
 
     def save(path_name):
         models.save_checkpoint(run_dir / path_name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
             "best_val": best_val, "config": config})
 
-    def validate():
+    def validate():  # rank 0 only: the plain model under no_grad, no collective
         nonlocal best_val, bad_validations
         if len(valid_set) == 0:
             save("last.pt")
@@ -343,56 +371,87 @@ def main(argv=None):
         print(f"  validation at step {step}: loss {metrics['loss']:.4f} sc {metrics['sc']:.4f} "
               f"kl {metrics['kl']:.2f}{' (best)' if improved else ''}")
 
+    # ---- GPU options: mixed precision, torch.compile; DDP over several processes ----------------
+    amp_dtype = None
+    if tc["amp"] and device.type != "cuda":
+        print0(f"train.amp=1 ignored: mixed precision is for CUDA devices only (training in float32 on {device})")
+    elif tc["amp"]:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        print0(f"mixed precision: {amp_dtype} autocast{' with gradient scaling' if amp_dtype == torch.float16 else ''}")
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # a no-op unless fp16
+    train_model = torch.compile(model) if tc["compile"] else model
+    train_model = data.wrap_ddp(train_model, dist_info)  # what the step calls; `model` is saved and validated
+
     # ---- training loop ------------------------------------------------------------------------
     train_mags = train_set.mags.to(device)  # (frames, bins): the whole set fits in memory
     train_labels = {k: v.to(device) for k, v in train_set.labels.items()}
-    bs = min(tc["batch_size"], len(train_set))
-    steps_per_epoch = max(1, len(train_set) // bs)
+    frames_per_rank = len(train_set) // dist_info.world_size  # per epoch (DistributedSampler, drop_last)
+    if frames_per_rank == 0:
+        raise UserError(f"{len(train_set)} training frames cannot be shared by {dist_info.world_size} processes")
+    bs = min(tc["batch_size"], frames_per_rank)
+    steps_per_epoch = max(1, frames_per_rank // bs)
     max_steps = tc["max_steps"] or math.inf
     if tc["max_epochs"]:
         max_steps = min(max_steps, tc["max_epochs"] * steps_per_epoch)
     if max_steps == math.inf:
         raise ConfigError("set train.max_steps or train.max_epochs")
+    if dist_info.world_size > 1:
+        print0(f"torchrun: {dist_info.world_size} processes ({dist_info.backend}), effective batch "
+               f"{dist_info.world_size} × {bs} = {dist_info.world_size * bs} frames per step, "
+               f"learning rate {tc['lr']:g} (not scaled with the number of processes)")
     bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
     start_step = step
     model.train()
     try:
         while step < max_steps:
-            order = torch.randperm(len(train_set), device=device)
+            order = data.shard_indices(len(train_set), epoch, tc["seed"], device)  # this rank's share, shuffled
             for i in range(steps_per_epoch):
                 if step >= max_steps:
                     break
                 idx = order[i * bs:(i + 1) * bs]
-                losses = compute_losses(model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
-                                        config, step, augment=True)
+                with autocast:
+                    losses = compute_losses(train_model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
+                                            config, step, augment=True)
                 optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                optimizer.step()
+                scaler.scale(losses["loss"]).backward()  # DDP averages the gradients of every rank here
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
-                frames_seen += bs
-                if step % tc["log_every"] == 0 or step == max_steps:
-                    for k, v in losses.items():
-                        writer.add_scalar(f"train/{k}", float(v), step)
+                frames_seen += bs * dist_info.world_size
+                if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
+                    scalars = host_scalars(losses)  # the only host sync of the step, at log time
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"train/{k}", v, step)
                     now = time.time()
                     fps = frames_seen / (now - last_log)
                     eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
-                    print(f"step {step}/{max_steps} epoch {epoch} loss {float(losses['loss']):.4f} "
-                          f"sc {float(losses['sc']):.4f} kl {float(losses['kl']):.2f} | "
+                    print(f"step {step}/{max_steps} epoch {epoch} loss {scalars['loss']:.4f} "
+                          f"sc {scalars['sc']:.4f} kl {scalars['kl']:.2f} | "
                           f"{fps:,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)
                     last_log, frames_seen = now, 0
                 if step % tc["val_every"] == 0 or step == max_steps:
-                    validate()
-                    if tc["patience"] and bad_validations >= tc["patience"]:
-                        print(f"early stop: no improvement in {tc['patience']} validations")
+                    if dist_info.is_main:
+                        validate()
+                    stop = bool(tc["patience"]) and bad_validations >= tc["patience"]
+                    if data.broadcast_object(stop):  # rank 0's decision: every rank stops at the same step
+                        print0(f"early stop: no improvement in {tc['patience']} validations")
                         max_steps = step
             else:
                 epoch += 1
     except KeyboardInterrupt:
-        save("last.pt")  # keep the progress: +resume=1 continues from here
-        print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
+        if dist_info.is_main:
+            save("last.pt")  # keep the progress: +resume=1 continues from here
+            print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
         raise
-    writer.close()
-    print(f"done: {run_dir} (best validation loss {best_val:.4f})")
+    if dist_info.is_main:
+        writer.close()
+    if dist_info.world_size > 1:
+        if not data.replicas_in_sync(model):
+            raise RuntimeError(f"parameters differ between the {dist_info.world_size} ranks after training")
+        print0(f"parameters identical on {dist_info.world_size} ranks")
+    print0(f"done: {run_dir} (best validation loss {best_val:.4f})")
+    data.cleanup_distributed()
     return run_dir
 
 

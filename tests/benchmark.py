@@ -1,7 +1,7 @@
 """Speed and quality figures of the toolkit (a plain script, not a pytest test).
 
     .venv/bin/python tests/benchmark.py                 # every section
-    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch, export
+    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch, export, distributed
     .venv/bin/python tests/benchmark.py --json out.json
 
 Timings set their thread count explicitly; compare ratios measured in one run (shared machines
@@ -339,7 +339,71 @@ def bench_export(results, workdir=None, buffer=2048, threads=1):
     return results
 
 
-SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export}
+def _train_vae_frames_per_s(args, nproc=1, threads=1, timeout=900):
+    """Training frames/s (all processes together) of `train_vae.py args` run in a subprocess, under
+    torchrun when nproc > 1: the best of its progress lines after the first (warm-up) one, the least
+    disturbed interval on a shared machine."""
+    import os
+    import re
+    import socket
+    import subprocess
+    launcher = [sys.executable]
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([*launcher, str(ROOT / "train_vae.py"), *args, f"train.num_threads={threads}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train_vae.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    fps = [float(v.replace(",", "")) for v in re.findall(r"\| ([\d,]+) frames/s", proc.stdout)]
+    return max(fps[1:])
+
+
+def bench_distributed(results, workdir, steps=240, log_every=40):
+    """train_vae.py throughput (frames/s of all processes together, from its progress lines):
+    dgt_mid on the CPU with 1 process vs 2 torchrun processes (gloo) of 1 thread each and the same
+    per-process batch (so the effective batch doubles); and, when there is a GPU, dgt_normal on it
+    with and without train.amp=1."""
+    root = workdir / "bench_data"
+    if not (root / "data").exists():
+        write_demo_dataset(root, n_files=24, seconds=2.5)
+    common = [f"+data.dataset.root={root}", f"data.dataset.cache={workdir / 'cache'}", f"rundir={workdir / 'runs'}",
+              f"train.max_steps={steps}", f"train.log_every={log_every}", f"train.val_every={steps}"]
+    cpu = ["--config-name", "dgt_mid", "name=distributed", "train.device=cpu", *common]
+    bs = train_vae.parse_args(["--config-name", "dgt_mid"])[1]["train"]["batch_size"]
+    runs = [("1 process, 1 thread", 1, 1), ("2 processes (torchrun, gloo), 1 thread each", 2, 1),
+            ("1 process, 2 threads", 1, 2)]
+    cpu_rows = {}
+    for name, nproc, threads in runs:
+        cpu_rows[name] = {"processes": nproc, "threads_per_process": threads, "effective_batch": nproc * bs,
+                          "frames_per_s": _train_vae_frames_per_s(cpu, nproc, threads)}
+    one, two = cpu_rows[runs[0][0]]["frames_per_s"], cpu_rows[runs[1][0]]["frames_per_s"]
+    out = {"cpu": {"config": "dgt_mid", "batch_per_process": bs, "rows": cpu_rows, "speedup_2_processes": two / one}}
+    rows = [(f"{name} (batch {r['effective_batch']})", f"{r['frames_per_s']:8,.0f} frames/s")
+            for name, r in cpu_rows.items()]
+    rows.append(("2 processes vs 1", f"{two / one:8.2f}x"))
+    if torch.cuda.is_available():
+        gpu_rows = {}
+        for batch in (256, 4096):
+            for amp in (0, 1):
+                args = ["--config-name", "dgt_normal", "name=distributed_gpu", "train.device=cuda", *common,
+                        f"train.batch_size={batch}", f"train.amp={amp}"]
+                fps = _train_vae_frames_per_s(args, 1, 4)
+                gpu_rows[f"batch {batch}, amp {amp}"] = fps
+                rows.append((f"GPU dgt_normal, batch {batch}, amp={amp}", f"{fps:8,.0f} frames/s"))
+        out["gpu"] = {"config": "dgt_normal", "device": torch.cuda.get_device_name(), "rows": gpu_rows}
+    else:
+        out["gpu"] = None
+        rows.append(("GPU", "skipped: no CUDA device"))
+    results["distributed"] = out
+    table(f"train_vae.py throughput, {steps} steps, best interval of {log_every} steps after the first", rows)
+
+
+SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export,
+            "distributed": bench_distributed}
 
 
 def main():
