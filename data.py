@@ -807,6 +807,17 @@ def init_distributed(device_setting="auto", timeout_s=1800):
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 
+def start_run(base, config, split):
+    """A new run folder base/version_K holding config.yaml and split.json, made by rank 0 alone
+    (never an earlier run's); its path on every rank."""
+    run_dir = None
+    if get_rank() == 0:
+        run_dir = new_version_dir(base)
+        write_yaml_atomic(run_dir / "config.yaml", config)
+        write_json_atomic(run_dir / "split.json", split)
+    return broadcast_object(run_dir)
+
+
 def cleanup_distributed():
     """Leave the process group at the end of a successful run (nothing without one). Every rank
     must call it: it waits for all of them first (destroying a gloo group while a peer is still
@@ -814,6 +825,16 @@ def cleanup_distributed():
     if _distributed():
         barrier()
         dist.destroy_process_group()
+
+
+def finish_distributed(model):
+    """End of a successful run: under torchrun, check that every rank holds the same weights (an
+    error if not, a line if so) and leave the process group; nothing for one process."""
+    if _distributed():
+        if not replicas_in_sync(model):
+            raise RuntimeError(f"parameters differ between the {dist.get_world_size()} ranks after training")
+        print0(f"parameters identical on {dist.get_world_size()} ranks")
+    cleanup_distributed()
 
 
 def barrier():
@@ -872,6 +893,19 @@ def wrap_ddp(model, dist_info):
     # buffers (e.g. normalisation statistics) are equal on every rank and never trained:
     # broadcasting them before every forward would cost one more collective per step
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def mixed_precision(enabled, device):
+    """(autocast context, GradScaler) for train.amp: bf16 autocast where the GPU supports it, else
+    fp16 with gradient scaling; with amp off, or on the CPU (said once), a no-op pair in float32."""
+    amp_dtype = None
+    if enabled and device.type != "cuda":
+        print0(f"train.amp=1 ignored: mixed precision is for CUDA devices only (training in float32 on {device})")
+    elif enabled:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        print0(f"mixed precision: {amp_dtype} autocast{' with gradient scaling' if amp_dtype == torch.float16 else ''}")
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    return autocast, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # scaler: fp16 only
 
 
 def replicas_in_sync(model):

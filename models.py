@@ -1130,12 +1130,15 @@ class LatentPrior(nn.Module):
         h, _ = self.hidden(tokens, features, self.init_state(tokens.size(0), 0))
         return self.head(h, targets)
 
-    def loss(self, sequence: torch.Tensor, features: Optional[torch.Tensor] = None):
-        """Mean cross-entropy of a (batch, frames + 1, Q) crop; features (batch, frames + 1, F).
-        -> (loss, logits (batch, frames, Q, N), targets (batch, frames, Q))."""
-        inputs, targets = sequence[:, :-1], sequence[:, 1:]
-        logits = self(inputs, targets, None if features is None else features[:, 1:])
-        return F.cross_entropy(logits.reshape(-1, self.resolution), targets.reshape(-1)), logits, targets
+
+def next_frame_loss(model, sequence: torch.Tensor, features: Optional[torch.Tensor] = None):
+    """Mean cross-entropy of a (batch, frames + 1, Q) crop; features (batch, frames + 1, F).
+    -> (loss, logits (batch, frames, Q, N), targets (batch, frames, Q)). `model` is a LatentPrior
+    or it wrapped (DistributedDataParallel, torch.compile): the call goes through its forward,
+    where DDP prepares the gradient all-reduce."""
+    inputs, targets = sequence[:, :-1], sequence[:, 1:]
+    logits = model(inputs, targets, None if features is None else features[:, 1:])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), logits, targets
 
 
 def prior_config_kwargs(config, n_streams, resolution, n_features):

@@ -402,10 +402,11 @@ class NnPrior(nn.Module):
         self.register_buffer("film_table", prior.head.film_table().detach())
         # streaming state: backbone state, the last frame's tokens (not yet fed to the backbone)
         self.capacity = 4 * prior.context  # preallocated attention caches (see ALiBiAttention)
-        self.state = prior.init_state(1, self.capacity)
+        # batch 0: the first buffer allocates the state (_clear), so the saved file holds no empty caches
+        self.state = prior.init_state(1, 0)
         self.register_buffer("previous", torch.zeros(1, self.n_streams, dtype=torch.long), persistent=False)
         self.has_previous = False
-        self.batch = 1
+        self.batch = 0
         self.register_buffer("last_logits", torch.zeros(1, 0, self.n_streams, self.resolution), persistent=False)
 
         self.methods = ["forward"]
@@ -566,6 +567,12 @@ class NnModelWithPrior(nn.Module):
 
     methods: List[str]
     attributes: List[str]
+    encode_input_labels: List[str]
+    encode_output_labels: List[str]
+    decode_input_labels: List[str]
+    decode_output_labels: List[str]
+    forward_input_labels: List[str]
+    forward_output_labels: List[str]
     prior_input_labels: List[str]
     prior_output_labels: List[str]
 
@@ -576,7 +583,13 @@ class NnModelWithPrior(nn.Module):
         self.sample_rate = prior.sample_rate
         self.methods = ["encode", "decode", "forward", "prior"]
         for method in ("encode", "decode", "forward"):
-            self.register_buffer(f"{method}_params", getattr(model, f"{method}_params").clone())
+            params = getattr(model, f"{method}_params")
+            self.register_buffer(f"{method}_params", params.clone())
+            # the model's inlet/outlet names (Max shows them), or numbered ones when it has none
+            for side, count in (("input", int(params[0])), ("output", int(params[2]))):
+                name = f"{method}_{side}_labels"
+                labels = getattr(model, name) if hasattr(model, name) else [f"{side} {i}" for i in range(count)]
+                setattr(self, name, list(labels))
         self.register_buffer("prior_params", prior.forward_params.clone())
         self.prior_input_labels = prior.forward_input_labels
         self.prior_output_labels = prior.forward_output_labels
@@ -645,6 +658,11 @@ class NnSpectralVAEWithPrior(NnModelWithPrior):
         self.attributes = self.attributes + ["phase_mode", "latent_scale", "latent_bias"]
         for name in ("phase_mode", "latent_scale", "latent_bias"):
             self.register_buffer(f"{name}_params", getattr(model, f"{name}_params").clone())
+
+    @torch.jit.export
+    def get_latency(self, method: str) -> int:
+        """The VAE's latency for its methods (preprocess.py compensates encode's); the prior adds none."""
+        return 0 if method == "prior" else self.model.get_latency(method)
 
     @torch.jit.export
     def get_phase_mode(self) -> List[str]:

@@ -11,6 +11,12 @@ config.yaml, split.json, last.pt, best.pt and TensorBoard logs (tensorboard --lo
 `+check=1` prints the model and the dataset and exits; `+resume=1` continues the latest version
 of rundir/name (or resume=path/to/version_K). The quantizer and resolution come from the dataset
 and are stored in the checkpoint, so the export cannot disagree with the training.
+
+Several GPUs (or CPU processes): `torchrun --nproc_per_node N train_prior.py --config ...` trains
+with DistributedDataParallel. Each process draws its own train.batch_size random crops per step
+(its own random generator), so the effective batch is N × train.batch_size; train.lr is used as
+given (not scaled with N). Only rank 0 logs, validates and writes the run folder; +resume=1 works
+the same way. On CUDA, train.amp=1 trains in mixed precision and train.compile=1 compiles the model.
 """
 import argparse
 import json
@@ -51,8 +57,8 @@ DEFAULTS = {
         "encoder_layers": 2,         # seq2seq: causal encoder layers over the conditioning features
     },
     "train": {
-        "batch_size": 16,            # crops per step
-        "lr": 1e-3,                  # AdamW peak learning rate
+        "batch_size": 16,            # crops per step and process (torchrun: N processes × this)
+        "lr": 1e-3,                  # AdamW peak learning rate (not scaled with the number of processes)
         "betas": [0.9, 0.99],
         "weight_decay": 0.01,
         "warmup_steps": 1000,        # linear warm-up from warmup_start·lr to lr ...
@@ -61,8 +67,10 @@ DEFAULTS = {
         "max_steps": 50000,
         "grad_clip": 1.0,            # max gradient norm (0: off)
         "seed": 0,
-        "device": "auto",            # auto | cpu | cuda
+        "device": "auto",            # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
         "num_threads": None,         # CPU threads for torch (default: torch's choice)
+        "amp": 0,                    # 1: mixed precision on CUDA (bf16 if supported, else fp16 + GradScaler)
+        "compile": 0,                # 1: torch.compile the model for the training step
         "log_every": 100,            # progress line + TensorBoard scalars every N steps
         "val_every": 1000,           # validation + checkpoints every N steps (and at the end)
         "patience": 20,              # stop after N validations without a lower validation cross-entropy
@@ -134,7 +142,7 @@ def evaluate(model, sequences, config):
     bs = config["train"]["batch_size"]
     for start in range(0, len(tokens), bs):
         batch_features = features[start:start + bs] if model.n_features else None
-        _, logits, targets = model.loss(tokens[start:start + bs], batch_features)
+        _, logits, targets = models.next_frame_loss(model, tokens[start:start + bs], batch_features)
         for k, v in token_metrics(logits, targets, config["train"]["top_k"]).items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(logits)
         n += len(logits)
@@ -173,6 +181,7 @@ def init_embedding_from_codebook(model, codebook):
 
 def main(argv=None):
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    print0 = data.print0  # print on rank 0 only (a plain print without torchrun)
 
     # ---- run folder: a new version, or the one we resume -------------------------------------
     resume_dir = None
@@ -186,7 +195,7 @@ def main(argv=None):
             if key.startswith("train."):  # e.g. train.max_steps=... extends a finished run
                 data.set_dotted(saved, key, value)
         config = dict(saved, resume=config["resume"], check=config["check"])
-        print(f"resuming {resume_dir}")
+        print0(f"resuming {resume_dir}")
 
     tc = config["train"]
     if config["data"]["db_path"] is None:
@@ -194,13 +203,13 @@ def main(argv=None):
     db_path = Path(config["data"]["db_path"])
     index = data.read_latent_index(db_path)
     check_model_config(config, index)
-    torch.manual_seed(tc["seed"])
+
+    # ---- processes and device: one process, or N under torchrun (process group from its env) --
+    dist_info = data.init_distributed(tc["device"])
+    device = dist_info.device
+    torch.manual_seed(tc["seed"] + dist_info.rank)  # own dropout per rank; DDP copies rank 0's weights
     if tc["num_threads"]:
         torch.set_num_threads(tc["num_threads"])
-    device = torch.device("cuda" if tc["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if tc["device"] == "auto" else tc["device"]))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto)")
 
     # ---- data: token sequences of the split's files, joined, on the device --------------------
     keys = [f["key"] for f in index["files"]]
@@ -223,25 +232,26 @@ def main(argv=None):
     frame_rate = index["model"]["sample_rate"] / index["model"]["ratio"]
     baseline = train_set.unigram_cross_entropy(valid_set if len(valid_set) else train_set, resolution)
     if config["check"]:
-        print(model)
-        print(f"parameters: {n_params:,}")
-        print(f"dataset {db_path}: {len(keys)} files, {n_streams} streams x {resolution} tokens "
-              f"({index['quantizer']}), {frame_rate:.1f} frames/s, features {index.get('features') or 'none'}")
-        print(f"train: {len(split['train'])} files, {len(train_set)} frames; "
-              f"valid: {len(split['valid'])} files, {len(valid_set)} frames")
-        print(f"unigram baseline cross-entropy: {baseline:.3f} nats")
+        print0(model)
+        print0(f"parameters: {n_params:,}")
+        print0(f"dataset {db_path}: {len(keys)} files, {n_streams} streams x {resolution} tokens "
+               f"({index['quantizer']}), {frame_rate:.1f} frames/s, features {index.get('features') or 'none'}")
+        print0(f"train: {len(split['train'])} files, {len(train_set)} frames; "
+               f"valid: {len(split['valid'])} files, {len(valid_set)} frames")
+        print0(f"unigram baseline cross-entropy: {baseline:.3f} nats")
+        data.cleanup_distributed()
         sys.exit(0)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
                                   weight_decay=tc["weight_decay"])
     step, best_val = 0, math.inf
-    if resume_dir is not None:
+    if resume_dir is not None:  # every rank loads last.pt
         checkpoint = models.load_checkpoint(resume_dir / "last.pt")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, best_val = checkpoint["step"], checkpoint["best_val"]
         run_dir = resume_dir
-        torch.manual_seed(tc["seed"] + step)
+        torch.manual_seed(tc["seed"] + step + dist_info.rank)
     else:
         if n_features:  # feature normalisation statistics of the training set, stored in the model
             model.feature_mean.copy_(train_set.features.mean(0))
@@ -249,28 +259,26 @@ def main(argv=None):
         if config["pretrained_embedding"]:
             codebook = load_codebook(config["pretrained_embedding"], n_streams, resolution)
             if codebook is None:
-                print(f"note: {config['pretrained_embedding']} has no codebook of {n_streams} x {resolution} "
-                      "codes (a continuous model?): token embeddings start from random values", file=sys.stderr)
+                print0(f"note: {config['pretrained_embedding']} has no codebook of {n_streams} x {resolution} "
+                       "codes (a continuous model?): token embeddings start from random values", file=sys.stderr)
             else:
                 init_embedding_from_codebook(model, codebook.to(device))
-                print(f"token embeddings initialised from the codebook of {config['pretrained_embedding']}")
-        run_dir = data.new_version_dir(Path(config["rundir"]) / config["name"])
-        data.write_yaml_atomic(run_dir / "config.yaml", config)
-        data.write_json_atomic(run_dir / "split.json", split)
+                print0(f"token embeddings initialised from the codebook of {config['pretrained_embedding']}")
+        run_dir = data.start_run(Path(config["rundir"]) / config["name"], config, split)  # made by rank 0
     dataset_info = {k: index[k] for k in ("model", "discrete", "quantizer", "resolution", "features") if k in index}
-    print(f"run {run_dir}: {len(train_set)} training frames ({len(split['train'])} files), {len(valid_set)} "
-          f"validation frames, {n_streams} streams x {resolution} tokens, {n_params:,} parameters, {device}; "
-          f"unigram baseline {baseline:.3f} nats")
+    print0(f"run {run_dir}: {len(train_set)} training frames ({len(split['train'])} files), {len(valid_set)} "
+           f"validation frames, {n_streams} streams x {resolution} tokens, {n_params:,} parameters, {device}; "
+           f"unigram baseline {baseline:.3f} nats")
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(log_dir=str(run_dir))
+    writer = SummaryWriter(log_dir=str(run_dir)) if dist_info.is_main else None
 
     def save(path_name):
         models.save_checkpoint(run_dir / path_name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "best_val": best_val, "config": config, "prior": prior_kwargs, "dataset": dataset_info})
 
-    def validate():
+    def validate():  # rank 0 only: the plain model under no_grad, no collective
         nonlocal best_val, bad_validations
         if len(valid_set) < 2:
             save("last.pt")
@@ -290,8 +298,19 @@ def main(argv=None):
         print(f"  validation at step {step}: cross-entropy {metrics['cross_entropy']:.4f} (unigram {baseline:.4f}) "
               f"top1 {metrics['top1']:.3f} perplexity {metrics['perplexity']:.2f}{' (best)' if improved else ''}")
 
+    # ---- GPU options: mixed precision, torch.compile; DDP over several processes ----------------
+    autocast, scaler = data.mixed_precision(tc["amp"], device)
+    train_model = data.wrap_ddp(model, dist_info)  # what the step calls; `model` is saved and validated
+    if tc["compile"]:
+        train_model = torch.compile(train_model)
+    if dist_info.world_size > 1:
+        print0(f"torchrun: {dist_info.world_size} processes ({dist_info.backend}), effective batch "
+               f"{dist_info.world_size} × {tc['batch_size']} = {dist_info.world_size * tc['batch_size']} crops "
+               f"per step, learning rate {tc['lr']:g} (not scaled with the number of processes)")
+
     # ---- training loop ------------------------------------------------------------------------
-    generator = torch.Generator(device=device).manual_seed(tc["seed"] + step)
+    # crops come from a generator of this run, step and rank (rank 0 draws what one process would)
+    generator = torch.Generator(device=device).manual_seed(tc["seed"] + step + 1_000_003 * dist_info.rank)
     bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
     start_step, max_steps = step, tc["max_steps"]
     model.train()
@@ -301,15 +320,18 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tokens, features = train_set.random_crops(tc["batch_size"], crop + 1, generator)  # (batch, crop + 1, Q)
-            loss, logits, targets = model.loss(tokens, features if n_features else None)
+            with autocast:
+                loss, logits, targets = models.next_frame_loss(train_model, tokens, features if n_features else None)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # DDP averages the gradients of every rank here
             if tc["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
-            optimizer.step()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])  # no host sync
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
-            frames_seen += tokens.shape[0] * crop
-            if step % tc["log_every"] == 0 or step == max_steps:
+            frames_seen += tokens.shape[0] * crop * dist_info.world_size
+            if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
                 metrics = {k: float(v) for k, v in token_metrics(logits.detach(), targets, tc["top_k"]).items()}
                 for k, v in metrics.items():
                     writer.add_scalar(f"train/{k}", v, step)
@@ -323,16 +345,21 @@ def main(argv=None):
                       flush=True)
                 last_log, frames_seen = now, 0
             if step % tc["val_every"] == 0 or step == max_steps:
-                validate()
-                if tc["patience"] and bad_validations >= tc["patience"]:
-                    print(f"early stop: no lower validation cross-entropy in {tc['patience']} validations")
+                if dist_info.is_main:
+                    validate()
+                stop = bool(tc["patience"]) and bad_validations >= tc["patience"]
+                if data.broadcast_object(stop):  # rank 0's decision: every rank stops at the same step
+                    print0(f"early stop: no lower validation cross-entropy in {tc['patience']} validations")
                     break
     except KeyboardInterrupt:
-        save("last.pt")  # keep the progress: +resume=1 continues from here
-        print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
+        if dist_info.is_main:
+            save("last.pt")  # keep the progress: +resume=1 continues from here
+            print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
         raise
-    writer.close()
-    print(f"done: {run_dir} (best validation cross-entropy {best_val:.4f}, unigram baseline {baseline:.4f})")
+    if dist_info.is_main:
+        writer.close()
+    data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
+    print0(f"done: {run_dir} (best validation cross-entropy {best_val:.4f}, unigram baseline {baseline:.4f})")
     return run_dir
 
 

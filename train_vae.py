@@ -15,7 +15,6 @@ logs, validates and writes the run folder; +resume=1 works the same way. On CUDA
 trains in mixed precision and train.compile=1 compiles the model with torch.compile.
 """
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -158,7 +157,7 @@ def compute_losses(model, mags, labels, config, step, augment=False):
     `model` is the SpectralVAE, or it wrapped in DistributedDataParallel and/or torch.compile: its
     forward is called through the wrapper. No host synchronisation (the values stay on the device)."""
     tc = config["train"]
-    vae = getattr(model, "module", model)  # DDP holds the SpectralVAE in .module
+    vae = getattr(model, "module", model)  # DDP (compiled or not) holds the SpectralVAE in .module
     if augment:
         a = config["data"]["augment"]
         mags = data.augment_frames(mags, a["roll_p"], a["roll_range"], a["gain_std"])
@@ -334,12 +333,7 @@ def main(argv=None):
         logmag = torch.log1p(train_set.mags)
         model.norm_offset.fill_(logmag.min().item())
         model.norm_scale.fill_(max(logmag.max().item() - logmag.min().item(), 1e-6))
-        run_dir = None
-        if dist_info.is_main:
-            run_dir = data.new_version_dir(Path(config["rundir"]) / config["name"])
-            data.write_yaml_atomic(run_dir / "config.yaml", config)
-            data.write_json_atomic(run_dir / "split.json", split)
-        run_dir = data.broadcast_object(run_dir)  # rank 0 made the folder: every rank gets its path
+        run_dir = data.start_run(Path(config["rundir"]) / config["name"], config, split)  # made by rank 0
     print0(f"run {run_dir}: {len(train_set)} training frames ({len(train_set.files)} files), "
            f"{len(valid_set)} validation frames ({len(valid_set.files)} files), {n_params:,} parameters, {device}")
 
@@ -372,16 +366,10 @@ def main(argv=None):
               f"kl {metrics['kl']:.2f}{' (best)' if improved else ''}")
 
     # ---- GPU options: mixed precision, torch.compile; DDP over several processes ----------------
-    amp_dtype = None
-    if tc["amp"] and device.type != "cuda":
-        print0(f"train.amp=1 ignored: mixed precision is for CUDA devices only (training in float32 on {device})")
-    elif tc["amp"]:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        print0(f"mixed precision: {amp_dtype} autocast{' with gradient scaling' if amp_dtype == torch.float16 else ''}")
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # a no-op unless fp16
-    train_model = torch.compile(model) if tc["compile"] else model
-    train_model = data.wrap_ddp(train_model, dist_info)  # what the step calls; `model` is saved and validated
+    autocast, scaler = data.mixed_precision(tc["amp"], device)
+    train_model = data.wrap_ddp(model, dist_info)  # what the step calls; `model` is saved and validated
+    if tc["compile"]:
+        train_model = torch.compile(train_model)
 
     # ---- training loop ------------------------------------------------------------------------
     train_mags = train_set.mags.to(device)  # (frames, bins): the whole set fits in memory
@@ -446,12 +434,8 @@ def main(argv=None):
         raise
     if dist_info.is_main:
         writer.close()
-    if dist_info.world_size > 1:
-        if not data.replicas_in_sync(model):
-            raise RuntimeError(f"parameters differ between the {dist_info.world_size} ranks after training")
-        print0(f"parameters identical on {dist_info.world_size} ranks")
+    data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
     print0(f"done: {run_dir} (best validation loss {best_val:.4f})")
-    data.cleanup_distributed()
     return run_dir
 
 

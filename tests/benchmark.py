@@ -1,13 +1,15 @@
 """Speed and quality figures of the toolkit (a plain script, not a pytest test).
 
     .venv/bin/python tests/benchmark.py                 # every section
-    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch, export, distributed
+    .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch, export, distributed,
+                                                        #   prior, prior_export
     .venv/bin/python tests/benchmark.py --json out.json
 
 Timings set their thread count explicitly; compare ratios measured in one run (shared machines
 are noisy). Every section prints a small table; --json writes all figures to one file.
 """
 import argparse
+import copy
 import io
 import json
 import sys
@@ -26,9 +28,11 @@ import data  # noqa: E402
 import extract_pitch  # noqa: E402
 import models  # noqa: E402
 import script  # noqa: E402
+import train_prior  # noqa: E402
 import train_vae  # noqa: E402
 from make_demo_data import write_demo_dataset  # noqa: E402
 from signals import phase_test_signal  # noqa: E402
+from test_prior import write_latent_db  # noqa: E402
 
 
 def table(title, rows):
@@ -339,10 +343,10 @@ def bench_export(results, workdir=None, buffer=2048, threads=1):
     return results
 
 
-def _train_vae_frames_per_s(args, nproc=1, threads=1, timeout=900):
-    """Training frames/s (all processes together) of `train_vae.py args` run in a subprocess, under
-    torchrun when nproc > 1: the best of its progress lines after the first (warm-up) one, the least
-    disturbed interval on a shared machine."""
+def _trainer_frames_per_s(script_name, args, nproc=1, threads=1, timeout=900):
+    """Training frames/s (all processes together) of `script_name args` (train_vae.py or
+    train_prior.py) run in a subprocess, under torchrun when nproc > 1: the best of its progress
+    lines after the first (warm-up) one, the least disturbed interval on a shared machine."""
     import os
     import re
     import socket
@@ -354,56 +358,262 @@ def _train_vae_frames_per_s(args, nproc=1, threads=1, timeout=900):
             port = s.getsockname()[1]
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([*launcher, str(ROOT / "train_vae.py"), *args, f"train.num_threads={threads}"],
+    proc = subprocess.run([*launcher, str(ROOT / script_name), *args, f"train.num_threads={threads}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"train_vae.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{script_name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     fps = [float(v.replace(",", "")) for v in re.findall(r"\| ([\d,]+) frames/s", proc.stdout)]
     return max(fps[1:])
 
 
-def bench_distributed(results, workdir, steps=240, log_every=40):
-    """train_vae.py throughput (frames/s of all processes together, from its progress lines):
-    dgt_mid on the CPU with 1 process vs 2 torchrun processes (gloo) of 1 thread each and the same
-    per-process batch (so the effective batch doubles); and, when there is a GPU, dgt_normal on it
-    with and without train.amp=1."""
+def bench_distributed(results, workdir):
+    """Training throughput (frames/s of all processes together, from the trainers' progress lines)
+    on the CPU with 1 process vs 2 torchrun processes (gloo) of 1 thread each, same batch per
+    process (so the effective batch doubles), and 1 process of 2 threads: train_vae.py dgt_mid
+    (spectral frames) and train_prior.py decoder_only (latent frames, 8 streams x 64 tokens).
+    When there is a GPU: dgt_normal and decoder_only on it, with and without train.amp=1."""
     root = workdir / "bench_data"
     if not (root / "data").exists():
         write_demo_dataset(root, n_files=24, seconds=2.5)
-    common = [f"+data.dataset.root={root}", f"data.dataset.cache={workdir / 'cache'}", f"rundir={workdir / 'runs'}",
-              f"train.max_steps={steps}", f"train.log_every={log_every}", f"train.val_every={steps}"]
-    cpu = ["--config-name", "dgt_mid", "name=distributed", "train.device=cpu", *common]
-    bs = train_vae.parse_args(["--config-name", "dgt_mid"])[1]["train"]["batch_size"]
-    runs = [("1 process, 1 thread", 1, 1), ("2 processes (torchrun, gloo), 1 thread each", 2, 1),
-            ("1 process, 2 threads", 1, 2)]
-    cpu_rows = {}
-    for name, nproc, threads in runs:
-        cpu_rows[name] = {"processes": nproc, "threads_per_process": threads, "effective_batch": nproc * bs,
-                          "frames_per_s": _train_vae_frames_per_s(cpu, nproc, threads)}
-    one, two = cpu_rows[runs[0][0]]["frames_per_s"], cpu_rows[runs[1][0]]["frames_per_s"]
-    out = {"cpu": {"config": "dgt_mid", "batch_per_process": bs, "rows": cpu_rows, "speedup_2_processes": two / one}}
-    rows = [(f"{name} (batch {r['effective_batch']})", f"{r['frames_per_s']:8,.0f} frames/s")
-            for name, r in cpu_rows.items()]
-    rows.append(("2 processes vs 1", f"{two / one:8.2f}x"))
+    db = workdir / "bench_latents"
+    if not db.exists():
+        write_latent_db(db, n_files=6, frames=400, n_streams=PRIOR_LATENTS["streams"],
+                        resolution=PRIOR_LATENTS["resolution"], ratio=PRIOR_LATENTS["ratio"],
+                        sample_rate=PRIOR_LATENTS["sample_rate"])
+    vae_steps, prior_steps = 240, 40
+    vae = ["train_vae.py", "--config-name", "dgt_mid", "name=distributed", f"+data.dataset.root={root}",
+           f"data.dataset.cache={workdir / 'cache'}", f"rundir={workdir / 'runs'}", f"train.max_steps={vae_steps}",
+           f"train.log_every={vae_steps // 6}", f"train.val_every={vae_steps}"]
+    prior = ["train_prior.py", "--config", "decoder_only", "--db_path", str(db), "--name", "distributed_prior",
+             f"rundir={workdir / 'runs'}", f"train.max_steps={prior_steps}", f"train.log_every={prior_steps // 4}",
+             f"train.val_every={prior_steps}", "train.warmup_steps=10"]
+    vae_batch = train_vae.parse_args(["--config-name", "dgt_mid"])[1]["train"]["batch_size"]
+    prior_config = train_prior.parse_args(["--config", "decoder_only"])[1]
+    prior_batch = f"{prior_config['train']['batch_size']} crops of {prior_config['data']['crop']}"
+    rows, out = [], {"gpu": None}
+    for label, (script_name, *args), batch in (("train_vae.py dgt_mid", vae, vae_batch),
+                                                ("train_prior.py decoder_only", prior, prior_batch)):
+        section = {}
+        for name, nproc, threads in (("1 process, 1 thread", 1, 1), ("2 processes, 1 thread each", 2, 1),
+                                     ("1 process, 2 threads", 1, 2)):
+            fps = _trainer_frames_per_s(script_name, [*args, "train.device=cpu"], nproc, threads)
+            section[name] = {"processes": nproc, "threads_per_process": threads, "frames_per_s": fps}
+            rows.append((f"{label}, {name}", f"{fps:9,.0f} frames/s  (batch {nproc} x {batch})"))
+        speedup = section["2 processes, 1 thread each"]["frames_per_s"] / section["1 process, 1 thread"]["frames_per_s"]
+        rows.append((f"{label}, 2 processes vs 1", f"{speedup:9.2f}x"))
+        out[script_name] = {"cpu": section, "speedup_2_processes": speedup}
     if torch.cuda.is_available():
-        gpu_rows = {}
-        for batch in (256, 4096):
+        gpu = {}
+        for label, (script_name, *args), config_args in (
+                ("train_vae.py dgt_normal", vae, ["--config-name", "dgt_normal"]),
+                ("train_prior.py decoder_only", prior, [])):
             for amp in (0, 1):
-                args = ["--config-name", "dgt_normal", "name=distributed_gpu", "train.device=cuda", *common,
-                        f"train.batch_size={batch}", f"train.amp={amp}"]
-                fps = _train_vae_frames_per_s(args, 1, 4)
-                gpu_rows[f"batch {batch}, amp {amp}"] = fps
-                rows.append((f"GPU dgt_normal, batch {batch}, amp={amp}", f"{fps:8,.0f} frames/s"))
-        out["gpu"] = {"config": "dgt_normal", "device": torch.cuda.get_device_name(), "rows": gpu_rows}
+                fps = _trainer_frames_per_s(script_name, [*args, *config_args, "train.device=cuda", f"train.amp={amp}"],
+                                            1, 4)
+                gpu[f"{label}, amp {amp}"] = fps
+                rows.append((f"GPU {label}, amp={amp}", f"{fps:9,.0f} frames/s"))
+        out["gpu"] = {"device": torch.cuda.get_device_name(), "rows": gpu}
     else:
-        out["gpu"] = None
         rows.append(("GPU", "skipped: no CUDA device"))
     results["distributed"] = out
-    table(f"train_vae.py throughput, {steps} steps, best interval of {log_every} steps after the first", rows)
+    table("training throughput on the CPU: torchrun processes vs threads (best progress interval after the first)",
+          rows)
+
+
+# ---- the latent prior: train_prior.py configs, script.NnPrior ----------------------------------
+
+PRIOR_CONFIGS = ("decoder_only", "recurrent", "encoder_decoder_continuous", "decoder_only_large")
+PRIOR_LATENTS = {"streams": 8, "resolution": 64, "sample_rate": 44100, "ratio": 512}  # dgt_normal's latents
+PRIOR_FEATURES = ["loudness", "f0"]  # what encoder_decoder_continuous is conditioned on
+# (warm-up steps, most timed steps, seconds after which timing stops once 3 steps are done) of the
+# training measurement, and single-frame calls timed per repeat: decoder_only_large is ~10x the default
+PRIOR_TRAIN_STEPS = {"decoder_only": (2, 12, 30.0), "recurrent": (2, 20, 30.0),
+                     "encoder_decoder_continuous": (2, 10, 30.0), "decoder_only_large": (1, 3, 20.0)}
+PRIOR_GENERATE_CALLS = {"decoder_only_large": 30}  # else 100
+
+
+def _prior_setup(config_name):
+    """(config, LatentPrior kwargs, dataset entry) of a configs/prior/ config over latents like
+    dgt_normal's (8 streams, resolution 64, 44.1 kHz, ratio 512); seq2seq gets loudness and f0."""
+    _, config = train_prior.parse_args(["--config", config_name])
+    n_features = len(PRIOR_FEATURES) if config["model"]["backbone"] == "seq2seq" else 0
+    lat = PRIOR_LATENTS
+    dataset = {"model": {"path": "benchmark.ts", "sha256": "", "sample_rate": lat["sample_rate"],
+                         "ratio": lat["ratio"], "latent_dim": lat["streams"]},
+               "discrete": False, "quantizer": "normal_cdf", "resolution": lat["resolution"],
+               "features": PRIOR_FEATURES if n_features else []}
+    train_prior.check_model_config(config, dataset)
+    return config, models.prior_config_kwargs(config, lat["streams"], lat["resolution"], n_features), dataset
+
+
+def _prior_train_frames_per_s(config, kwargs, warmup, max_steps, budget_s, min_steps=3, seed=0):
+    """train_prior.py's step (AdamW with the config's settings, gradient clipping) on random crops
+    of a random token stream, at the config's batch size and crop -> (frames/s, timed steps)."""
+    torch.manual_seed(seed)
+    model = models.LatentPrior(**kwargs).train()
+    tc = config["train"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
+                                  weight_decay=tc["weight_decay"])
+    bs, crop = tc["batch_size"], config["data"]["crop"]
+    generator = torch.Generator().manual_seed(seed)
+    stream = torch.randint(0, kwargs["resolution"], (8 * (crop + 1), kwargs["n_streams"]), generator=generator)
+    features = torch.randn(len(stream), kwargs["n_features"], generator=generator) if kwargs["n_features"] else None
+    offsets = torch.arange(crop + 1)
+
+    def step():
+        idx = torch.randint(0, len(stream) - crop, (bs, 1), generator=generator) + offsets  # (bs, crop + 1)
+        loss, _, _ = models.next_frame_loss(model, stream[idx], None if features is None else features[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    steps, start = 0, time.perf_counter()
+    while steps < max_steps and (steps < min_steps or time.perf_counter() - start < budget_s):
+        step()
+        steps += 1
+    return bs * crop * steps / (time.perf_counter() - start), steps
+
+
+def _scripted_prior(kwargs, dataset, seed=0):
+    """An untrained LatentPrior's nn~ export (script.NnPrior), saved and reloaded as nn~ would
+    -> (module, the eager LatentPrior, parameter count, file size in bytes)."""
+    torch.manual_seed(seed)
+    prior = models.LatentPrior(**kwargs).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(script.NnPrior(prior, dataset)), buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    return torch.jit.load(buffer), prior, sum(p.numel() for p in prior.parameters()), size
+
+
+def _prior_inputs(kwargs, frames, n=8, seed=0):
+    """`n` nn~ input buffers of the prior (1, Q + F, frames): normal latents (and features)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, kwargs["n_streams"] + kwargs["n_features"], frames, generator=generator)
+            for _ in range(n)]
+
+
+def _eager_step_seconds(prior, warmup, repeats=3, calls=100, temperature=1.0):
+    """Best over `repeats` of the mean time of one generated frame of the eager model as NnPrior
+    streams it (fused self-attention, preallocated caches of 4·context frames, film_table),
+    after `warmup` frames."""
+    prior = copy.deepcopy(prior).eval()
+    for block in list(prior.blocks) + list(prior.encoder):
+        block.attention.fuse_for_inference()
+    table = prior.head.film_table().detach()
+    state = prior.init_state(1, 4 * prior.context)
+    token = torch.zeros(1, prior.n_streams, dtype=torch.long)
+    features = torch.randn(1, 1, prior.n_features) if prior.n_features else None
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats * calls):
+            if i >= warmup and (i - warmup) % calls == 0:
+                start = time.perf_counter()
+            h, state = prior.hidden(token.unsqueeze(1), features, state)
+            token, _ = prior.head.sample(h[:, 0], temperature, table, None)
+            if i >= warmup and (i - warmup) % calls == calls - 1:
+                times.append((time.perf_counter() - start) / calls)
+    return min(times)
+
+
+def bench_prior(results, workdir=None, threads=1):
+    """For each prior config (its sizes from configs/prior/): training throughput (frames/s of
+    train_prior.py's step at the config's batch and crop) and single-step generation (the
+    scripted NnPrior in generate mode, one frame per call, context full) against the latent frame
+    rate, on `threads` CPU thread(s)."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    lat = PRIOR_LATENTS
+    frame_rate = lat["sample_rate"] / lat["ratio"]
+    results["prior_frame_rate"] = frame_rate
+    rows = []
+    try:
+        for name in PRIOR_CONFIGS:
+            config, kwargs, dataset = _prior_setup(name)
+            warmup, max_steps, budget_s = PRIOR_TRAIN_STEPS[name]
+            train_fps, steps = _prior_train_frames_per_s(config, kwargs, warmup, max_steps, budget_s)
+            module, prior, n_params, _ = _scripted_prior(kwargs, dataset)
+            calls = PRIOR_GENERATE_CALLS.get(name, 100)
+            module.set_listen(False)  # generate: each call predicts one frame from the ones before it
+            seconds = _seconds_per_call(module, "forward", _prior_inputs(kwargs, 1), repeats=3, calls=calls,
+                                        warmup=prior.context + 1)  # past the context: the window is full
+            eager = _eager_step_seconds(prior, prior.context + 1, calls=calls)
+            x_realtime = 1.0 / seconds / frame_rate
+            results[f"prior_params/{name}"] = n_params
+            results[f"prior_train_frames_per_s/{name}"] = train_fps
+            results[f"prior_train_timed_steps/{name}"] = steps
+            results[f"prior_generate_ms_per_frame/{name}"] = seconds * 1e3
+            results[f"prior_generate_frames_per_s/{name}"] = 1.0 / seconds
+            results[f"prior_generate_x_realtime/{name}"] = x_realtime
+            results[f"prior_generate_eager_ms_per_frame/{name}"] = eager * 1e3
+            rows.append((name, n_params, f"{config['train']['batch_size']} x {config['data']['crop']}", steps,
+                         train_fps, seconds * 1e3, 1.0 / seconds, x_realtime, eager * 1e3))
+    finally:
+        torch.set_num_threads(saved_threads)
+    print(f"\n== latent prior, {threads} CPU thread(s): training throughput and single-step generation, "
+          f"{lat['streams']} streams x {lat['resolution']} tokens at {lat['sample_rate'] / 1000:g} kHz / "
+          f"{lat['ratio']} = {frame_rate:.2f} frames/s")
+    print(f"  {'config':<28}{'params':>8}{'batch x crop':>14}{'steps':>7}{'train frames/s':>16}"
+          f"{'gen ms/frame':>14}{'frames/s':>10}{'x real time':>13}{'eager ms/frame':>16}")
+    for name, n_params, batch_crop, steps, train_fps, ms, fps, x, eager_ms in rows:
+        print(f"  {name:<28}{n_params / 1e6:>7.2f}M{batch_crop:>14}{steps:>7}{train_fps:>16,.0f}"
+              f"{ms:>14.3f}{fps:>10,.0f}{x:>12.1f}x{eager_ms:>16.3f}")
+    print("  train: AdamW steps of train_prior.py's loss on random crops (after warm-up steps), dropout on")
+    print("  gen: the scripted NnPrior (TorchScript, saved and reloaded) in generate mode (listen 0), one frame")
+    print("       per call, temperature 1, after context + 1 frames; eager: LatentPrior.hidden + head.sample in Python")
+    x = results["prior_generate_x_realtime/decoder_only"]
+    print(f"  target: decoder_only generates >= 5x real time on one thread: {'met' if x >= 5 else 'MISSED'} ({x:.1f}x)")
+    return results
+
+
+def bench_prior_export(results, workdir=None, buffer=4096, threads=1):
+    """Real-time factor (audio seconds per wall second) of each prior config's nn~ export
+    (script.NnPrior of an untrained prior, scripted, saved and reloaded) at `buffer` samples per
+    call, batch 1, on `threads` CPU thread(s), generating (listen off) and listening."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    lat = PRIOR_LATENTS
+    frames = buffer // lat["ratio"]
+    rows, sizes = [], []
+    try:
+        for name in PRIOR_CONFIGS:
+            _, kwargs, dataset = _prior_setup(name)
+            module, prior, n_params, size = _scripted_prior(kwargs, dataset)
+            results[f"prior_export_params/{name}"] = n_params
+            results[f"prior_export_file_mb/{name}"] = size / 1e6
+            sizes.append(f"{name}: {n_params / 1e6:.2f} M parameters ({4 * n_params / 1e6:.1f} MB), "
+                         f".ts {size / 1e6:.1f} MB")
+            inputs = _prior_inputs(kwargs, frames, n=16)
+            large = name == "decoder_only_large"
+            for mode, listen in (("generate", False), ("listen", True)):
+                module.set_listen(listen)
+                module.set_reset(True)  # a fresh context, then past it before timing: the window is full
+                seconds = _seconds_per_call(module, "forward", inputs, repeats=3 if large else 5,
+                                            calls=10 if large else 40, warmup=prior.context // frames + 1)
+                rtf = buffer / lat["sample_rate"] / seconds
+                results[f"prior_export_rtf/{name}/{mode}"] = rtf
+                results[f"prior_export_ms_per_call/{name}/{mode}"] = seconds * 1e3
+                rows.append((name, mode, seconds * 1e3, rtf))
+    finally:
+        torch.set_num_threads(saved_threads)
+    print(f"\n== nn~ prior export: real-time factor at buffer {buffer} ({frames} frames per call), batch 1, "
+          f"{threads} CPU thread(s), untrained priors (target >= 5x for decoder_only)")
+    print(f"  {'config':<28}{'mode':<10}{'ms/call':>9}{'x real time':>13}")
+    for name, mode, ms, rtf in rows:
+        print(f"  {name:<28}{mode:<10}{ms:>9.3f}{rtf:>12.1f}x")
+    for line in sizes:
+        print(f"  {line}")
+    worst = min(results[f"prior_export_rtf/decoder_only/{mode}"] for mode in ("generate", "listen"))
+    print(f"  target: decoder_only >= 5x real time: {'met' if worst >= 5 else 'MISSED'} (slowest mode {worst:.1f}x)")
+    return results
 
 
 SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export,
-            "distributed": bench_distributed}
+            "distributed": bench_distributed, "prior": bench_prior, "prior_export": bench_prior_export}
 
 
 def main():

@@ -1,5 +1,5 @@
-"""Training under torchrun: 2 CPU processes (gloo) of train_vae.py, resume, early stop, the helpers;
-a training step without host sync."""
+"""Training under torchrun: 2 CPU processes (gloo) of train_vae.py and train_prior.py, resume, early
+stop, the helpers; a training step without host sync."""
 import os
 import re
 import signal
@@ -14,6 +14,7 @@ import data
 import models
 import train_vae
 from conftest import FAST, ROOT
+from test_prior import TINY as TINY_PRIOR, write_latent_db
 
 TINY = [*FAST, "train.batch_size=32", "train.num_threads=1", "train.beta_warmup_steps=20",
         "model.encoder_hidden=[32,16]", "model.decoder_hidden=[16,32]"]
@@ -85,6 +86,41 @@ def test_early_stop_is_decided_on_rank_0_and_reaches_every_rank(demo_root, tmp_p
     assert code == 0, err
     assert out.count("early stop") == 1 and "parameters identical on 2 ranks" in out
     assert torch.load(tmp_path / "t/version_0/last.pt", weights_only=True)["step"] == 10
+
+
+def test_two_processes_train_the_prior_and_resume(tmp_path):
+    db = write_latent_db(tmp_path / "db")
+    args = ["train_prior.py", "--db_path", db, "--name", "p", f"rundir={tmp_path}", *TINY_PRIOR,
+            "train.num_threads=1", "train.log_every=5", "train.val_every=10"]
+    code, out, err = torchrun(*args, "train.max_steps=20")
+    assert code == 0, err
+    run_dir = tmp_path / "p" / "version_0"
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["version_0"]
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["best.pt", "last.pt"]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert progress_steps(out) == [5, 10, 15, 20] and out.count("validation at step") == 2
+    assert "effective batch 2 × 16 = 32 crops per step" in out
+    assert out.count("parameters identical on 2 ranks") == 1
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 20 and not any(k.startswith("module.") for k in checkpoint["model"])
+    models.load_prior(run_dir / "best.pt")
+
+    code, out, err = torchrun(*args, "train.max_steps=30", "+resume=1")
+    assert code == 0, err
+    assert "resuming" in out and progress_steps(out) == [25, 30]
+    assert out.count("parameters identical on 2 ranks") == 1
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 30
+
+
+def test_prior_training_step_has_no_host_sync():
+    """The prior's step on the meta device (see test_training_step_has_no_host_sync), gradient clipping included."""
+    model = models.LatentPrior(3, 16, "transformer", dim=32, layers=2, heads=2, ffn_dim=64, context=16).to("meta")
+    optimizer = torch.optim.AdamW(model.parameters())
+    loss, logits, targets = models.next_frame_loss(model, torch.empty(4, 25, 3, dtype=torch.long, device="meta"))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    assert logits.shape == (4, 24, 3, 16)
 
 
 HELPERS = """

@@ -145,6 +145,12 @@ def test_combined_file_chains_encode_prior_decode(chain):
     assert host.model.get_methods() == ["encode", "decode", "forward", "prior"]
     assert host.params["prior"] == [LATENT, RATIO, LATENT + 1, RATIO]
     assert host.params["encode"][2] == LATENT and host.params["decode"][0] == LATENT
+    vae = torch.jit.load(str(vae_ts))
+    for method in ("encode", "decode", "forward"):  # inlet/outlet names and latency of the VAE's own methods
+        for side in ("input", "output"):
+            assert getattr(host.model, f"{method}_{side}_labels") == getattr(vae, f"{method}_{side}_labels")
+        assert host.model.get_latency(method) == vae.get_latency(method)
+    assert host.model.get_latency("prior") == 0
     assert set(host.model.get_attributes()) >= {"temperature", "listen", "reset", "phase_mode", "latent_scale"}
     assert host.model.set_phase_mode("random") == 0 and host.model.get_phase_mode() == ["random"]
     assert host.model.set_temperature(0.0) == 0 and host.model.get_temperature() == [0.0]
@@ -161,6 +167,48 @@ def test_combined_file_chains_encode_prior_decode(chain):
     plain = NnHost(vae_ts)  # forward is the model's own
     x = torch.randn(1, 1, 2048) * 0.1
     assert torch.allclose(host.perform("forward", x), plain.perform("forward", x), atol=1e-5)
+
+
+class PlainLatentModel(torch.nn.Module):
+    """An nn~ model of another toolkit (RAVE-like): encode/decode/forward with their _params, no
+    inlet/outlet names, no get_latency, one attribute of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("encode_params", torch.tensor([1, 1, LATENT, RATIO]))
+        self.register_buffer("decode_params", torch.tensor([LATENT, RATIO, 1, 1]))
+        self.register_buffer("forward_params", torch.tensor([1, 1, 1, 1]))
+        self.ratio, self.latent = RATIO, LATENT
+
+    @torch.jit.export
+    def get_attributes(self):
+        return ["gain"]
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # (batch, 1, n) -> (batch, LATENT, n / RATIO)
+        frames = x.reshape(x.size(0), 1, -1, self.ratio).mean(-1)
+        return frames.expand(-1, self.latent, -1).contiguous()
+
+    @torch.jit.export
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # (batch, LATENT, k) -> (batch, 1, k * RATIO)
+        return z.mean(1, keepdim=True).repeat_interleave(self.ratio, dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def test_combined_file_with_another_toolkits_model(chain, tmp_path):
+    _, run, _, _ = chain
+    plain_ts = tmp_path / "plain.ts"
+    torch.jit.save(torch.jit.script(PlainLatentModel()), str(plain_ts))
+    combined_ts = script.export_prior(run, tmp_path, model_path=plain_ts, verbose=False)
+    host = NnHost(combined_ts)
+    assert host.model.get_methods() == ["encode", "decode", "forward", "prior"]
+    assert host.model.encode_output_labels == [f"output {i}" for i in range(LATENT)]  # numbered: it has none
+    assert host.model.get_attributes() == ["temperature", "listen", "reset"]  # its "gain" is not reachable
+    audio = torch.randn(4, 1, 4096) * 0.1
+    generated = host.stream("prior", host.stream("encode", audio, 1024), 1024)
+    assert host.stream("decode", generated[:, :LATENT], 1024).shape == (4, 1, 4096)
 
 
 def test_export_cli(chain, tmp_path):
