@@ -302,6 +302,21 @@ def find_run_version(path, version=None):
     return versions[-1]
 
 
+def resume_config(config, overrides):
+    """(config, version folder to resume or None). With +resume=1 (the latest version of
+    rundir/name) or resume=path/to/version_K, the run's saved config.yaml, with the `train.*`
+    overrides of this command line applied (e.g. a larger train.max_steps extends a finished run)."""
+    if config["resume"] in (None, 0, False):
+        return config, None
+    resume_dir = find_run_version(Path(config["rundir"]) / config["name"] if config["resume"] in (1, True)
+                                  else config["resume"])
+    saved = read_yaml(resume_dir / "config.yaml")
+    for key, value in parse_overrides(overrides):
+        if key.startswith("train."):
+            set_dotted(saved, key, value)
+    return dict(saved, resume=config["resume"], check=config["check"]), resume_dir
+
+
 def write_json_atomic(path, obj):
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:

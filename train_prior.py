@@ -183,18 +183,9 @@ def main(argv=None):
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     print0 = data.print0  # print on rank 0 only (a plain print without torchrun)
 
-    # ---- run folder: a new version, or the one we resume -------------------------------------
-    resume_dir = None
-    if config["resume"] not in (None, 0, False):
-        if config["resume"] in (1, True):
-            resume_dir = data.find_run_version(Path(config["rundir"]) / config["name"])
-        else:
-            resume_dir = data.find_run_version(config["resume"])
-        saved = data.read_yaml(resume_dir / "config.yaml")
-        for key, value in data.parse_overrides(args.overrides):
-            if key.startswith("train."):  # e.g. train.max_steps=... extends a finished run
-                data.set_dotted(saved, key, value)
-        config = dict(saved, resume=config["resume"], check=config["check"])
+    # ---- run folder: a new version, or the one we resume (its saved config, train.* overrides) --
+    config, resume_dir = data.resume_config(config, args.overrides)
+    if resume_dir is not None:
         print0(f"resuming {resume_dir}")
 
     tc = config["train"]
