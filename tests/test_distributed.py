@@ -1,5 +1,6 @@
 """Training under torchrun: 2 CPU processes (gloo) of train_vae.py and train_prior.py, resume, early
 stop, the helpers; a training step without host sync."""
+import ast
 import os
 import re
 import signal
@@ -124,7 +125,7 @@ def test_prior_training_step_has_no_host_sync():
 
 
 HELPERS = """
-import pytest
+import pathlib
 import torch
 import data
 
@@ -137,7 +138,9 @@ with torch.no_grad():
 differ = data.replicas_in_sync(model)
 shards = [data.shard_indices(11, epoch, seed=3).tolist() for epoch in (0, 1)]
 told = data.broadcast_object(f"from rank {info.rank}")
-print(f"rank {info.rank}/{info.world_size} {info.backend} same={same} differ={differ} told={told!r} shards={shards}")
+# one file per rank: two processes printing to one pipe can interleave their lines
+report = f"rank {info.rank}/{info.world_size} {info.backend} same={same} differ={differ} told={told!r} shards={shards}"
+pathlib.Path(__file__).with_name(f"rank_{info.rank}.txt").write_text(report)
 data.cleanup_distributed()
 """
 
@@ -147,12 +150,11 @@ def test_helpers_under_torchrun(tmp_path):
     script.write_text(HELPERS)
     code, out, err = torchrun(script)
     assert code == 0, err
-    lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2
+    lines = [(tmp_path / f"rank_{rank}.txt").read_text() for rank in (0, 1)]
     shards = []
     for rank, line in enumerate(lines):
         assert line.startswith(f"rank {rank}/2 gloo same=True differ=False told='from rank 0'"), line
-        shards.append(eval(line.split("shards=")[1]))
+        shards.append(ast.literal_eval(line.split("shards=")[1]))
     for epoch in (0, 1):  # disjoint halves of one permutation (drop_last: 5 each of 11)
         a, b = shards[0][epoch], shards[1][epoch]
         assert len(a) == len(b) == 5 and not set(a) & set(b) and set(a) | set(b) <= set(range(11))
