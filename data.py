@@ -757,8 +757,7 @@ import torch.distributed as dist  # noqa: E402
 class DistInfo(NamedTuple):
     rank: int              # global rank, 0 .. world_size - 1 (0 without torchrun)
     world_size: int        # number of processes (1 without torchrun)
-    local_rank: int        # rank on this machine: the index of the CUDA device it uses
-    device: torch.device   # where this process trains
+    device: torch.device   # where this process trains (cuda:LOCAL_RANK under torchrun on GPUs)
     backend: Optional[str]  # "nccl" (CUDA), "gloo" (CPU), or None without torchrun
 
     @property
@@ -803,7 +802,7 @@ def init_distributed(device_setting="auto", timeout_s=1800):
     Without torchrun: no process group, DistInfo(rank 0, world_size 1, device of the setting)."""
     device = resolve_device(device_setting)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(0, 1, 0, device, None)
+        return DistInfo(0, 1, device, None)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
@@ -819,7 +818,7 @@ def init_distributed(device_setting="auto", timeout_s=1800):
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)
-    return DistInfo(rank, world_size, local_rank, device, backend)
+    return DistInfo(rank, world_size, device, backend)
 
 
 def start_run(base, config, split):

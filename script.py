@@ -375,9 +375,9 @@ class NnPrior(nn.Module):
     features up to frame j). listen=1: the input latents pass through and fill the context; the
     perplexity output says how uncertain the prior's prediction of each input frame was. listen=0:
     the prior generates, feeding back its own frames (the input latents are ignored, except the
-    first frame after a reset, which seeds the context). Perplexity = exp(entropy) of the untempered prediction,
-    averaged over streams (1 = certain, resolution = clueless; the first frame after a reset has no
-    prediction and reads `resolution`). The attention keeps a sliding window of the trained context
+    first frame after a reset, which seeds the context). Perplexity = exp(entropy) of the
+    untempered prediction, averaged over streams (1 = certain, resolution = clueless; the first
+    frame after a reset has no prediction and reads `resolution`). The attention keeps a sliding window of the trained context
     (ALiBi needs no absolute positions), the GRU its state. The quantizer and resolution are the
     dataset's, stored in the run.
     """

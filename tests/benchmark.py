@@ -9,7 +9,6 @@ Timings set their thread count explicitly; compare ratios measured in one run (s
 are noisy). Every section prints a small table; --json writes all figures to one file.
 """
 import argparse
-import copy
 import io
 import json
 import sys
@@ -497,29 +496,6 @@ def _prior_inputs(kwargs, frames, n=8, seed=0):
             for _ in range(n)]
 
 
-def _eager_step_seconds(prior, warmup, repeats=3, calls=100, temperature=1.0):
-    """Best over `repeats` of the mean time of one generated frame of the eager model as NnPrior
-    streams it (fused self-attention, preallocated caches of 4·context frames, film_table),
-    after `warmup` frames."""
-    prior = copy.deepcopy(prior).eval()
-    for block in list(prior.blocks) + list(prior.encoder):
-        block.attention.fuse_for_inference()
-    table = prior.head.film_table().detach()
-    state = prior.init_state(1, 4 * prior.context)
-    token = torch.zeros(1, prior.n_streams, dtype=torch.long)
-    features = torch.randn(1, 1, prior.n_features) if prior.n_features else None
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + repeats * calls):
-            if i >= warmup and (i - warmup) % calls == 0:
-                start = time.perf_counter()
-            h, state = prior.hidden(token.unsqueeze(1), features, state)
-            token, _ = prior.head.sample(h[:, 0], temperature, table, None)
-            if i >= warmup and (i - warmup) % calls == calls - 1:
-                times.append((time.perf_counter() - start) / calls)
-    return min(times)
-
-
 def bench_prior(results, workdir=None, threads=1):
     """For each prior config (its sizes from configs/prior/): training throughput (frames/s of
     train_prior.py's step at the config's batch and crop) and single-step generation (the
@@ -541,7 +517,6 @@ def bench_prior(results, workdir=None, threads=1):
             module.set_listen(False)  # generate: each call predicts one frame from the ones before it
             seconds = _seconds_per_call(module, "forward", _prior_inputs(kwargs, 1), repeats=3, calls=calls,
                                         warmup=prior.context + 1)  # past the context: the window is full
-            eager = _eager_step_seconds(prior, prior.context + 1, calls=calls)
             x_realtime = 1.0 / seconds / frame_rate
             results[f"prior_params/{name}"] = n_params
             results[f"prior_train_frames_per_s/{name}"] = train_fps
@@ -549,22 +524,21 @@ def bench_prior(results, workdir=None, threads=1):
             results[f"prior_generate_ms_per_frame/{name}"] = seconds * 1e3
             results[f"prior_generate_frames_per_s/{name}"] = 1.0 / seconds
             results[f"prior_generate_x_realtime/{name}"] = x_realtime
-            results[f"prior_generate_eager_ms_per_frame/{name}"] = eager * 1e3
             rows.append((name, n_params, f"{config['train']['batch_size']} x {config['data']['crop']}", steps,
-                         train_fps, seconds * 1e3, 1.0 / seconds, x_realtime, eager * 1e3))
+                         train_fps, seconds * 1e3, 1.0 / seconds, x_realtime))
     finally:
         torch.set_num_threads(saved_threads)
     print(f"\n== latent prior, {threads} CPU thread(s): training throughput and single-step generation, "
           f"{lat['streams']} streams x {lat['resolution']} tokens at {lat['sample_rate'] / 1000:g} kHz / "
           f"{lat['ratio']} = {frame_rate:.2f} frames/s")
     print(f"  {'config':<28}{'params':>8}{'batch x crop':>14}{'steps':>7}{'train frames/s':>16}"
-          f"{'gen ms/frame':>14}{'frames/s':>10}{'x real time':>13}{'eager ms/frame':>16}")
-    for name, n_params, batch_crop, steps, train_fps, ms, fps, x, eager_ms in rows:
+          f"{'gen ms/frame':>14}{'frames/s':>10}{'x real time':>13}")
+    for name, n_params, batch_crop, steps, train_fps, ms, fps, x in rows:
         print(f"  {name:<28}{n_params / 1e6:>7.2f}M{batch_crop:>14}{steps:>7}{train_fps:>16,.0f}"
-              f"{ms:>14.3f}{fps:>10,.0f}{x:>12.1f}x{eager_ms:>16.3f}")
+              f"{ms:>14.3f}{fps:>10,.0f}{x:>12.1f}x")
     print("  train: AdamW steps of train_prior.py's loss on random crops (after warm-up steps), dropout on")
     print("  gen: the scripted NnPrior (TorchScript, saved and reloaded) in generate mode (listen 0), one frame")
-    print("       per call, temperature 1, after context + 1 frames; eager: LatentPrior.hidden + head.sample in Python")
+    print("       per call, temperature 1, after context + 1 frames")
     x = results["prior_generate_x_realtime/decoder_only"]
     print(f"  target: decoder_only generates >= 5x real time on one thread: {'met' if x >= 5 else 'MISSED'} ({x:.1f}x)")
     return results
