@@ -1,4 +1,19 @@
-"""Data shared by every script: audio loading, configs, run folders, the vschaos2 dataset layout.
+"""Everything the scripts share below the models: errors, files, configs, run folders, audio, the
+spectral transform, the vschaos2 dataset layout, latent datasets and torchrun helpers.
+
+Nothing here imports from models.py: imports run data <- models <- scripts.
+
+Sections, in the order data flows through a run:
+  1. Errors and the scripts' entry point   UserError (one line, no traceback), run_main
+  2. Files                                 atomic writes, sha256, is_power_of_two
+  3. Configs and command lines            plain YAML + dotted key=value overrides, shared flags
+  4. Run folders and checkpoints           rundir/name/version_K, resume, early stopping, .pt files
+  5. Audio files                           find, load (mono, resampled), save
+  6. Spectral transform                    Gaussian-windowed STFT ("DGT") and its inverse
+  7. Metadata                              the vschaos2 layout: metadata.txt, classes.txt, tracks/
+  8. Spectral frames                       a dataset's frames and labels in memory, cached spectra
+  9. Latent sequences                      what preprocess.py writes and train_prior.py reads
+ 10. Distributed training                  torchrun process groups, DDP, mixed precision
 
 Dataset layout (as in vschaos2):
 
@@ -11,6 +26,9 @@ Dataset layout (as in vschaos2):
 A value is an int, a float or `none` (unlabelled). A spectral frame takes the label of the
 segment that contains its centre; frames outside every segment are unlabelled.
 """
+import argparse
+import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -18,15 +36,17 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import soundfile as sf
 import torch
+import torch.distributed as dist
 import torchaudio
 import yaml
 
-AUDIO_EXTENSIONS = (".wav", ".aif", ".aiff", ".flac", ".ogg", ".mp3")
-MISSING = -1  # int label of an unlabelled frame (float tasks use NaN)
+# ----------------------------------------------------------------------------------------------
+# 1. Errors and the scripts' entry point
 
 
 class UserError(Exception):
@@ -45,62 +65,86 @@ class AudioError(UserError):
     pass
 
 
+class CheckpointError(UserError):
+    pass
+
+
 def run_main(main):
-    """Run a script's main(), turning UserError (and Ctrl-C) into one clear line and exit code."""
+    """Run a script's main(), turning UserError (and Ctrl-C) into one clear line and exit code.
+
+    A process of a gloo group (torchrun on CPUs) then ends with os._exit, its output flushed:
+    tearing the group down can deadlock (the group's destructor joins a worker thread that waits
+    for the GIL the destructor holds) or abort at interpreter exit (torch 2.5.1: 1 run in 16, and
+    1 in 30, on a loaded 2-core machine). Every file is written and closed by then."""
+    code = 0
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:  # argparse's errors, +check=1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------------
-# Audio
+# 2. Files: written through a temporary file and an atomic rename, so an interrupted run never
+#    leaves half a file under the real name
 
 
-def find_audio_files(folder):
-    """All audio files under `folder`, recursively, sorted (a file given directly is returned as is)."""
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
-                  and not p.name.startswith("."))
-
-
-def load_audio(path, sr):
-    """Read an audio file as mono float32 at `sr` Hz: a 1-D torch tensor (samples,).
-
-    Any channel count is averaged to mono; any sample rate is resampled with torchaudio.
-    Raises AudioError naming the file if it cannot be read or holds no samples."""
-    try:
-        audio, file_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
-    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
-        raise AudioError(f"{path}: cannot read audio ({e})") from None
-    if audio.shape[0] == 0:
-        raise AudioError(f"{path}: audio file is empty")
-    mono = torch.from_numpy(audio.mean(axis=1))
-    if file_sr != sr:
-        mono = torchaudio.functional.resample(mono, int(file_sr), int(sr))
-    if not torch.isfinite(mono).all():
-        raise AudioError(f"{path}: audio contains NaN or infinite samples")
-    return mono.contiguous()
-
-
-def save_audio(path, audio, sr):
-    """Write mono or (channels, samples) float audio as a 32-bit float wav, creating folders."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`; renamed onto `path` when the block ends without error,
+    removed when it raises. `with atomic_path(p) as tmp: torch.save(obj, tmp)`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    audio = torch.as_tensor(audio).detach().cpu().float()
-    if audio.dim() == 2:
-        audio = audio.t()  # soundfile wants (samples, channels)
-    sf.write(str(path), audio.numpy(), int(sr), subtype="FLOAT")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_yaml_atomic(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(obj, f, sort_keys=False)
+
+
+def save_npy(path, array):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_power_of_two(n):
+    """nn~ needs power-of-two ratios (a model's hop, a latent ratio)."""
+    return n >= 1 and (n & (n - 1)) == 0
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs: plain YAML + dotted key=value overrides
+# 3. Configs (plain YAML + dotted key=value overrides) and the flags every script spells the same way
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
@@ -188,7 +232,7 @@ def read_yaml(path):
 
 
 def resolve_config_path(name, config_dir):
-    """`--config-name dgt_mid` -> configs/dgt_mid.yaml; a path to any .yaml also works."""
+    """`--config dgt_mid` -> configs/dgt_mid.yaml; a path to any .yaml also works."""
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         path = Path(name)
     else:
@@ -254,8 +298,60 @@ def load_config(name, overrides, defaults, config_dir="configs", open_sections=(
     return config
 
 
+def spellings(flag):
+    """A multi-word flag in both spellings, underscore first (MSPrior's --db_path style), e.g.
+    spellings("--crepe_step") -> ("--crepe_step", "--crepe-step"): every script accepts both."""
+    return (flag, flag.replace("_", "-")) if "_" in flag else (flag,)
+
+
+def add_config_argument(parser, config_dir, default=None):
+    """--config NAME (vschaos2's --config-name / -cn and MSPrior's --config): a config of config_dir
+    or a path to a .yaml file."""
+    parser.add_argument("--config", "--config-name", "-cn", dest="config", default=default,
+                        help=f"a config of {config_dir} (by name, e.g. {default or 'dgt_mid'}) or a path to a "
+                             ".yaml file" + (f" (default {default})" if default else ""))
+
+
+def parse_training_command(argv, description, config_dir, defaults, default_config=None, flags=None,
+                           open_sections=()):
+    """The command line of a trainer -> (args, config): --config NAME, options that set a config key
+    (`flags`: {"--db_path": "data.db_path", ...}) and key=value overrides, in any order. --help lists
+    the configs and every key with its default."""
+    configs = ", ".join(list_configs(config_dir))
+    keys = "\n".join(f"  {k} = {v}" for k, v in flatten_config(defaults))
+    sections = f" (per-task sections: {', '.join(s + '.<task>' for s in open_sections)})" if open_sections else ""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"configs (in {config_dir}): {configs}\n\nkeys and their defaults{sections}:\n{keys}")
+    add_config_argument(parser, config_dir, default_config)
+    for flag, key in (flags or {}).items():
+        parser.add_argument(*spellings(flag), dest=key.replace(".", "__"), default=None, metavar="VALUE",
+                            help=f"sets {key}")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20000 "
+                                                     "(a leading + is accepted, as in vschaos2)")
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
+    for key in (flags or {}).values():
+        value = getattr(args, key.replace(".", "__"))
+        if value is not None:
+            args.overrides.append(f"{key}={json.dumps(value)}")  # quoted: a YAML string whatever it holds
+    return args, load_config(args.config, args.overrides, defaults, config_dir, open_sections)
+
+
+def add_out_argument(parser, default, what="output folder"):
+    """--out DIR (also -o, --output, and MSPrior's --out_path)."""
+    parser.add_argument("--out", "-o", "--output", *spellings("--out_path"), dest="out", default=default,
+                        help=f"{what} (default: {default or 'the run folder'})")
+
+
+def add_checkpoint_arguments(parser):
+    """-v K (the run's version, default the latest) and -n NAME (the checkpoint: last or best)."""
+    parser.add_argument("-v", "--version", type=int, default=None, help="version K of the run (default: the latest)")
+    parser.add_argument("-n", "--checkpoint", default="last",
+                        help="checkpoint of the version folder: last (default) or best")
+
+
 # ----------------------------------------------------------------------------------------------
-# Run folders: rundir/name/version_K, never overwritten
+# 4. Run folders (rundir/name/version_K, never overwritten) and checkpoints
 
 
 def version_dirs(run_root):
@@ -317,22 +413,166 @@ def resume_config(config, overrides):
     return dict(saved, resume=config["resume"], check=config["check"]), resume_dir
 
 
-def write_json_atomic(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def find_checkpoint(path, version=None, name="last"):
+    """(version folder, checkpoint file) from a run folder (its latest version, or `version`), a
+    version folder (+ `name`: last or best) or a checkpoint file given directly."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent, path
+    run_version = find_run_version(path, version)
+    checkpoint = run_version / (name if name.endswith(".pt") else f"{name}.pt")
+    if not checkpoint.is_file():
+        found = ", ".join(sorted(p.stem for p in run_version.glob("*.pt"))) or "none"
+        raise CheckpointError(f"{checkpoint}: no such checkpoint (available: {found}); "
+                              "has this run trained long enough to validate once?")
+    return run_version, checkpoint
 
 
-def write_yaml_atomic(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(obj, f, sort_keys=False)
-    os.replace(tmp, path)
+def save_checkpoint(path, checkpoint):
+    """One checkpoint format for every script: a plain dict of tensors and Python scalars/dicts
+    (no pickled classes), written atomically, read back with torch.load(weights_only=True)."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+
+
+class EarlyStopping:
+    """The best validation value so far and the validations since it improved. Saved in every
+    checkpoint (state_dict), so a resumed run keeps its count instead of starting over."""
+
+    def __init__(self, patience=None):
+        self.patience = patience
+        self.best = math.inf
+        self.bad_validations = 0
+
+    def update(self, value):
+        """Record one validation value (lower is better); True when it is the best so far."""
+        if value < self.best:
+            self.best, self.bad_validations = value, 0
+            return True
+        self.bad_validations += 1
+        return False
+
+    @property
+    def should_stop(self):
+        return bool(self.patience) and self.bad_validations >= self.patience
+
+    def state_dict(self):
+        return {"best_val": self.best, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, checkpoint):
+        self.best = checkpoint["best_val"]
+        self.bad_validations = checkpoint.get("bad_validations", 0)  # absent from older checkpoints
 
 
 # ----------------------------------------------------------------------------------------------
-# Metadata (vschaos2 layout)
+# 5. Audio files
+
+
+AUDIO_EXTENSIONS = (".wav", ".aif", ".aiff", ".flac", ".ogg", ".mp3")
+
+
+def find_audio_files(folder):
+    """All audio files under `folder`, recursively, sorted (a file given directly is returned as is)."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def load_audio(path, sr):
+    """Read an audio file as mono float32 at `sr` Hz: a 1-D torch tensor (samples,).
+
+    Any channel count is averaged to mono; any sample rate is resampled with torchaudio.
+    Raises AudioError naming the file if it cannot be read or holds no samples."""
+    try:
+        audio, file_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
+    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
+        raise AudioError(f"{path}: cannot read audio ({e})") from None
+    if audio.shape[0] == 0:
+        raise AudioError(f"{path}: audio file is empty")
+    mono = torch.from_numpy(audio.mean(axis=1))
+    if file_sr != sr:
+        mono = torchaudio.functional.resample(mono, int(file_sr), int(sr))
+    if not torch.isfinite(mono).all():
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    return mono.contiguous()
+
+
+def save_audio(path, audio, sr):
+    """Write mono or (channels, samples) float audio as a 32-bit float wav, creating folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = torch.as_tensor(audio).detach().cpu().float()
+    if audio.dim() == 2:
+        audio = audio.t()  # soundfile wants (samples, channels)
+    sf.write(str(path), audio.numpy(), int(sr), subtype="FLOAT")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Spectral transform: Gaussian-windowed STFT ("DGT")
+#
+# spectra are one-sided, (..., bins, frames) with bins = n_fft // 2 + 1, computed with
+# torch.stft(center=True) and a Gaussian window; audio is float32 (..., samples)
+
+WINDOW_EDGE = 0.01  # the window falls to 1% of its peak at its edges
+
+
+def gaussian_std(n_fft):
+    """Standard deviation (in samples) of the Gaussian window that falls to WINDOW_EDGE at ±n_fft/2."""
+    return n_fft / (2.0 * math.sqrt(-2.0 * math.log(WINDOW_EDGE)))  # ≈ 0.165 · n_fft
+
+
+def gaussian_window(n_fft):
+    """Periodic Gaussian window of length n_fft centred at n_fft/2: (n_fft,) float32."""
+    t = torch.arange(n_fft, dtype=torch.float64) - n_fft / 2
+    return torch.exp(-0.5 * (t / gaussian_std(n_fft)) ** 2).float()
+
+
+def gaussian_lambda(n_fft):
+    """Time-frequency ratio λ of the Gaussian window exp(-π t²/λ) (t in samples), used by PGHI."""
+    return 2.0 * math.pi * gaussian_std(n_fft) ** 2
+
+
+def stft(audio, n_fft, hop, window=None):
+    """Complex one-sided STFT: (..., samples) -> (..., bins, frames), frames = samples // hop + 1."""
+    if window is None:
+        window = gaussian_window(n_fft).to(audio.device)
+    shape = audio.shape
+    spec = torch.stft(audio.reshape(-1, shape[-1]), n_fft, hop, window=window, center=True,
+                      return_complex=True)
+    return spec.reshape(shape[:-1] + spec.shape[-2:])
+
+
+def istft(spec, n_fft, hop, length=None, window=None):
+    """Inverse of `stft` with the canonical dual window g/Σg² (torch.istft's least-squares synthesis)."""
+    if window is None:
+        window = gaussian_window(n_fft).to(spec.device)
+    shape = spec.shape
+    audio = torch.istft(spec.reshape((-1,) + shape[-2:]), n_fft, hop, window=window, center=True,
+                        length=length)
+    return audio.reshape(shape[:-2] + audio.shape[-1:])
+
+
+def magnitude(audio, n_fft, hop):
+    """|STFT|: (..., samples) -> (..., bins, frames)."""
+    return stft(audio, n_fft, hop).abs()
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Metadata (vschaos2 layout)
+
+MISSING = -1  # int label of an unlabelled frame (float tasks use NaN)
+PITCH_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]  # pitch classes 0..11 (MIDI)
 
 
 def parse_value(text, value_type, where, class_ids=None):
@@ -523,7 +763,7 @@ def check_label_ranges(metadata, task_dims, errors=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Spectral frames of a dataset, cached on disk
+# 8. Spectral frames of a dataset (magnitudes cached on disk) and their labels
 
 
 def transform_key(transform):
@@ -538,7 +778,6 @@ def file_magnitude(path, transform, cache_dir=None):
 
     The cache file name hashes the audio path, size and modification time, so an edited file is
     recomputed. Raises AudioError for unreadable, empty or too-short files."""
-    from models import magnitude  # models imports nothing from data; import here keeps data.py light
     path = Path(path)
     cache_file = None
     if cache_dir is not None:
@@ -557,10 +796,7 @@ def file_magnitude(path, transform, cache_dir=None):
     mag = magnitude(audio, transform["n_fft"], transform["hop"]).t().contiguous().numpy()  # (frames, bins)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, mag)
-        os.replace(tmp, cache_file)
+        save_npy(cache_file, mag)
     return mag
 
 
@@ -655,24 +891,30 @@ def augment_frames(mags, roll_p=0.3, roll_range=(-2, 1), gain_std=0.1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Latent sequences written by preprocess.py (db/index.json + tokens/, latents/, features/)
+# 9. Latent sequences written by preprocess.py (db/index.json + tokens/, latents/, features/)
 
 
-def read_latent_index(db_path):
-    """The index.json of a preprocessed latent dataset, checked; clear errors for a wrong folder."""
+LATENT_FORMAT = 1  # the version of index.json that preprocess.py writes and this code reads
+
+
+def read_latent_index(db_path, require_files=True):
+    """The index.json of a latent dataset (written by preprocess.py), checked, with errors that name
+    the file; require_files: a dataset holding no encoded file is an error (training needs one)."""
     db_path = Path(db_path)
     index_path = db_path / "index.json"
     if not index_path.is_file():
         raise UserError(f"{db_path}: no index.json (make the dataset with: python preprocess.py --audio "
-                        f"my_audio --out_path {db_path} --model model.ts)")
+                        f"my_audio --out {db_path} --model model.ts)")
     try:
         index = json.loads(index_path.read_text())
-    except ValueError as e:
-        raise UserError(f"{index_path}: not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{index_path}: cannot read the dataset index ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != LATENT_FORMAT:
+        raise UserError(f"{index_path}: not a dataset index of this toolkit (format {LATENT_FORMAT})")
     for key in ("model", "resolution", "quantizer", "files"):
         if key not in index:
             raise UserError(f"{index_path}: missing '{key}' (not written by preprocess.py?)")
-    if not index["files"]:
+    if not isinstance(index["files"], list) or (require_files and not index["files"]):
         raise UserError(f"{index_path}: the dataset holds no encoded file")
     return index
 
@@ -738,7 +980,7 @@ class LatentSequences:
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed training (torchrun)
+# 10. Distributed training (torchrun)
 #
 # `torchrun --nproc_per_node N script.py ...` starts N copies of a script with RANK, WORLD_SIZE,
 # LOCAL_RANK, MASTER_ADDR and MASTER_PORT in their environment. A trainer calls init_distributed()
@@ -746,12 +988,6 @@ class LatentSequences:
 # helper below acts as for one process, so single-process runs behave exactly as before.
 # Collectives (broadcast_object, main_process_first, replicas_in_sync) must be reached by every
 # rank in the same order: decide anything that changes control flow on rank 0 and broadcast it.
-
-import contextlib  # noqa: E402
-import datetime  # noqa: E402
-from typing import NamedTuple, Optional  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
 
 
 class DistInfo(NamedTuple):
@@ -766,16 +1002,18 @@ class DistInfo(NamedTuple):
         return self.rank == 0
 
 
-def resolve_device(setting="auto"):
-    """A train.device setting (auto | cpu | cuda | cuda:K) -> torch.device; auto is cuda when available."""
+def resolve_device(setting="auto", name="train.device"):
+    """A device setting (auto | cpu | cuda | cuda:K) -> torch.device; auto is cuda when available.
+    `name` is how the user gave it (train.device, --device), for the error message."""
     if setting in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(setting)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, got {setting!r}") from None
+        raise ConfigError(f"{name} must be auto, cpu or cuda, got {setting!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto)")
+        sep = "=" if "." in name else " "
+        raise ConfigError(f"{name}{sep}{setting} but no CUDA device is available (use {name}{sep}auto or cpu)")
     return device
 
 
@@ -834,11 +1072,13 @@ def start_run(base, config, split):
 
 def cleanup_distributed():
     """Leave the process group at the end of a successful run (nothing without one). Every rank
-    must call it: it waits for all of them first (destroying a gloo group while a peer is still
-    leaving can hang). After an error, do not call it: torchrun stops the other processes."""
+    must call it: it waits for all of them first. After an error, do not call it: torchrun stops
+    the other processes. A gloo (CPU) group is not destroyed here: run_main ends the process
+    without tearing it down (see there)."""
     if _distributed():
         barrier()
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":
+            dist.destroy_process_group()
 
 
 def finish_distributed(model):

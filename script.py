@@ -1,12 +1,12 @@
 """Export a trained spectral VAE as a TorchScript file for the nn~ external (Max/MSP, PureData).
 
     python script.py path_to_model/ -o output_dir/ -v version_number -n name [--force]
-    python script.py --prior --run runs/training_name [-o out/]                 # a prior alone
-    python script.py --prior --run runs/training_name --model vae.ts [-o out/]  # model + prior, one file
+    python script.py --prior --run runs/training_name [--out out/]                 # a prior alone
+    python script.py --prior --run runs/training_name --model vae.ts [--out out/]  # model + prior, one file
 
 `path_to_model` is a run folder (rundir/name), one of its version_K folders or a checkpoint file;
 `-v` picks the version (default: the latest), `-n` the checkpoint (default: last; or best),
-`-o` the output folder (default: the run folder). The file is <output_dir>/<run name>.ts.
+`--out` (or -o) the output folder (default: the run folder). The file is <output_dir>/<run name>.ts.
 An existing file is never replaced unless --force is given (and then atomically).
 
 The exported module implements the nn~ contract itself (no nn_tilde package needed):
@@ -22,9 +22,6 @@ with --model the file also holds the model's encode / decode / forward, so one f
 encode -> prior -> decode. The quantizer and resolution come from the run.
 """
 import argparse
-import copy
-import hashlib
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -36,15 +33,11 @@ import data
 import models
 from data import UserError
 
-KEEP_INPUT = 2  # phase mode ids: 0 rtpghi, 1 random (StreamingPhase's modes), 2 keep_input
+PHASE_MODES = ["keep_input", "rtpghi", "random"]  # keep_input: the analysed input's phase (forward only)
 # The export's RTPGHI is causal (delay 0): the one-frame look-ahead version measured only 0.1 dB
 # better on the tone+chirp of tests/benchmark.py and 0.5 dB (1024/256) to 2.5 dB (2048/512) better
 # on the demo notes (-36 / -32 dB causal): not worth a hop of extra latency.
 PHASE_LOOKAHEAD = False
-
-
-def is_power_of_two(n):
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 class NnSpectralVAE(nn.Module):
@@ -59,6 +52,7 @@ class NnSpectralVAE(nn.Module):
 
     methods: List[str]
     attributes: List[str]
+    phase_modes: List[str]
     encode_input_labels: List[str]
     encode_output_labels: List[str]
     decode_input_labels: List[str]
@@ -73,14 +67,13 @@ class NnSpectralVAE(nn.Module):
 
     def __init__(self, vae: models.SpectralVAE, sr: int, n_fft: int, hop: int):
         super().__init__()
-        if not is_power_of_two(hop):
+        if not data.is_power_of_two(hop):
             raise UserError(f"hop {hop} is not a power of two: nn~ needs power-of-two ratios "
                             f"(retrain with data.transform.hop=256 or another power of two)")
         vae = vae.eval()
         self.sample_rate, self.n_fft, self.hop = int(sr), int(n_fft), int(hop)
         self.bins, self.latent_dim = n_fft // 2 + 1, vae.latent_dim
-        self.norm_offset, self.norm_scale = float(vae.norm_offset), float(vae.norm_scale)
-        self.encoder, self.decoder = vae.encoder, vae.decoder
+        self.vae = vae  # its normalisation, encoder and decoder; the label modules are listed below
         tasks = list(vae.task_dims)  # every conditioning task, config order: forward's label inputs
         pred_tasks = list(vae.predictors)
         self.encoder_embeddings = nn.ModuleList([vae.embeddings[t] for t in vae.encoder_tasks])
@@ -130,8 +123,8 @@ class NnSpectralVAE(nn.Module):
 
         # nn~ attributes: <attr>_params = type codes (0 bool, 1 int, 2 float, 3 str)
         self.attributes = ["phase_mode", "temperature", "latent_scale", "latent_bias"]
+        self.phase_modes = list(PHASE_MODES)
         self.phase_mode = "keep_input"
-        self.phase_mode_id = KEEP_INPUT
         self.temperature = 0.0
         self.latent_scale = 1.0
         self.latent_bias = 0.0
@@ -176,11 +169,9 @@ class NnSpectralVAE(nn.Module):
 
     @torch.jit.export
     def set_phase_mode(self, mode: str) -> int:
-        for i, name in enumerate(["rtpghi", "random", "keep_input"]):
-            if mode == name:
-                self.phase_mode = mode
-                self.phase_mode_id = i
-                return 0
+        if mode in self.phase_modes:
+            self.phase_mode = mode
+            return 0
         print("nn~ model: phase_mode must be keep_input, rtpghi or random, got", mode)
         return 1
 
@@ -279,20 +270,16 @@ class NnSpectralVAE(nn.Module):
 
     def _latent(self, spec: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """spec (batch, bins, k) complex, labels (batch·k, n_labels) -> z (batch·k, latent)."""
-        mag = self._frames(spec.abs())  # (rows, bins)
-        x = (torch.log1p(mag) - self.norm_offset) / self.norm_scale
-        h = self.encoder(x, self._encoder_condition(labels))  # (rows, 2·latent)
-        mean = h[:, :self.latent_dim]
+        x = self.vae.normalize(self._frames(spec.abs()))  # (rows, bins)
+        mean, logvar = self.vae.encode_conditioned(x, self._encoder_condition(labels))  # (rows, latent) each
         if self.temperature > 0.0:
-            std = torch.exp(0.5 * h[:, self.latent_dim:].clamp(-12.0, 8.0))
-            return mean + self.temperature * std * torch.randn_like(mean)
+            return mean + self.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
         return mean
 
     def _magnitude(self, z: torch.Tensor, condition: torch.Tensor, batch: int) -> torch.Tensor:
         """z (rows, latent), condition (rows, width) -> linear magnitude (batch, bins, k)."""
-        x_hat = self.decoder(z, condition)  # (rows, bins), normalised log-magnitude
-        mag = torch.expm1((x_hat * self.norm_scale + self.norm_offset).clamp(min=0.0))
-        return self._unframe(mag, batch)
+        x_hat = self.vae.decoder(z, condition)  # (rows, bins), normalised log-magnitude
+        return self._unframe(self.vae.denormalize(x_hat), batch)
 
     # ---- nn~ methods -------------------------------------------------------------------------
     @torch.jit.export
@@ -329,7 +316,8 @@ class NnSpectralVAE(nn.Module):
         predicted = self._predict(z) if self.decode_uses_predictors else torch.zeros(rows.size(0), 0,
                                                                                        dtype=torch.long)
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
-        spec = self.decode_phase(mag, 1 if self.phase_mode_id == 1 else 0)  # (batch, bins, k)
+        phase_mode = "rtpghi" if self.phase_mode == "keep_input" else self.phase_mode  # no input phase here
+        spec = self.decode_phase(mag, phase_mode)  # (batch, bins, k)
         return self.decode_istft(spec).unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,10 +331,10 @@ class NnSpectralVAE(nn.Module):
         predicted = self._predict(z)  # (rows, predictions)
         z = z * self.latent_scale + self.latent_bias
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
-        if self.phase_mode_id == 2:  # keep_input
+        if self.phase_mode == "keep_input":
             out_spec = torch.polar(mag, torch.angle(spec))
         else:
-            out_spec = self.forward_phase(mag, self.phase_mode_id)
+            out_spec = self.forward_phase(mag, self.phase_mode)
         audio = self.forward_istft(out_spec).unsqueeze(1)  # (batch, 1, k·hop)
         if self.n_predictions == 0:
             return audio
@@ -369,45 +357,27 @@ def _share_constant_buffers(modules):
 
 
 class NnPrior(nn.Module):
-    """A LatentPrior wrapped for nn~, streaming frame by frame with its own state.
+    """A LatentPrior for nn~: models.StreamingPrior (the prior frame by frame with its own state)
+    behind nn~'s method and attributes.
 
-    Frame j is predicted from the frames before it (and, for seq2seq priors, the conditioning
-    features up to frame j). listen=1: the input latents pass through and fill the context; the
-    perplexity output says how uncertain the prior's prediction of each input frame was. listen=0:
-    the prior generates, feeding back its own frames (the input latents are ignored, except the
-    first frame after a reset, which seeds the context). Perplexity = exp(entropy) of the
-    untempered prediction, averaged over streams (1 = certain, resolution = clueless; the first
-    frame after a reset has no prediction and reads `resolution`). The attention keeps a sliding window of the trained context
-    (ALiBi needs no absolute positions), the GRU its state. The quantizer and resolution are the
-    dataset's, stored in the run.
+    forward: (batch, Q [+ features], k) latents at the latent ratio -> (batch, Q + 1, k): latents,
+    then perplexity. Attributes: temperature (float >= 0), listen (true: the input passes through and
+    fills the context; false: the prior generates) and reset (one-shot: the context is cleared at the
+    next buffer). The quantizer and resolution are the dataset's, stored in the run.
     """
 
-    state: List[torch.Tensor]
     attributes: List[str]
     forward_input_labels: List[str]
     forward_output_labels: List[str]
 
     def __init__(self, prior: models.LatentPrior, dataset: dict):
         super().__init__()
-        prior = copy.deepcopy(prior).eval()
-        for block in list(prior.blocks) + list(prior.encoder):
-            block.attention.fuse_for_inference()  # self-attention only (x is its own key/value)
         ratio = int(dataset["model"]["ratio"])
-        if not is_power_of_two(ratio):
+        if not data.is_power_of_two(ratio):
             raise UserError(f"latent ratio {ratio} is not a power of two: nn~ cannot play it")
-        self.prior = prior
+        self.stream = models.StreamingPrior(prior, discrete=dataset["quantizer"] == "none")
         self.n_streams, self.resolution, self.n_features = prior.n_streams, prior.resolution, prior.n_features
-        self.discrete = dataset["quantizer"] == "none"
         self.ratio, self.sample_rate = ratio, int(dataset["model"]["sample_rate"])
-        self.register_buffer("film_table", prior.head.film_table().detach())
-        # streaming state: backbone state, the last frame's tokens (not yet fed to the backbone)
-        self.capacity = 4 * prior.context  # preallocated attention caches (see ALiBiAttention)
-        # batch 0: the first buffer allocates the state (_clear), so the saved file holds no empty caches
-        self.state = prior.init_state(1, 0)
-        self.register_buffer("previous", torch.zeros(1, self.n_streams, dtype=torch.long), persistent=False)
-        self.has_previous = False
-        self.batch = 0
-        self.register_buffer("last_logits", torch.zeros(1, 0, self.n_streams, self.resolution), persistent=False)
 
         self.methods = ["forward"]
         features = list(dataset.get("features") or []) if self.n_features else []
@@ -474,87 +444,21 @@ class NnPrior(nn.Module):
         self.reset = value
         return 0
 
-    # ---- streaming ---------------------------------------------------------------------------
-    def _clear(self, batch: int):
-        self.state = self.prior.init_state(batch, self.capacity)
-        self.previous = torch.zeros(batch, self.n_streams, dtype=torch.long)
-        self.has_previous = False
-        self.batch = batch
-
-    def _tokens(self, latents: torch.Tensor) -> torch.Tensor:
-        """(batch, k, Q) latents as received -> int64 tokens, with the dataset's quantizer."""
-        if self.discrete:
-            return torch.round(torch.nan_to_num(latents)).clamp(0, self.resolution - 1).long()
-        return models.quantize_latents(torch.nan_to_num(latents), self.resolution)
-
-    def _latents(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.discrete:
-            return tokens.float()
-        return models.dequantize_latents(tokens, self.resolution)
-
-    def _listen(self, tokens: torch.Tensor, features: Optional[torch.Tensor]) -> torch.Tensor:
-        """Teacher-force known frames (batch, k, Q) through the prior -> logits (batch, k, Q, N)."""
-        batch, k = tokens.size(0), tokens.size(1)
-        first = 0 if self.has_previous else 1  # without a previous frame, frame 0 has no prediction
-        logits = torch.zeros(batch, k, self.n_streams, self.resolution)
-        if k > first:
-            inputs = torch.cat([self.previous.unsqueeze(1), tokens[:, :k - 1]], dim=1)[:, first:]
-            step_features: Optional[torch.Tensor] = None
-            if features is not None:
-                step_features = features[:, first:]
-            h, self.state = self.prior.hidden(inputs, step_features, self.state)
-            logits[:, first:] = self.prior.head(h, tokens[:, first:])
-        self.previous = tokens[:, k - 1]
-        self.has_previous = True
-        return logits
-
-    def _generate(self, tokens: torch.Tensor, features: Optional[torch.Tensor]):
-        """Generate k frames one by one -> (tokens (batch, k, Q), logits (batch, k, Q, N))."""
-        batch, k = tokens.size(0), tokens.size(1)
-        out = torch.zeros(batch, k, self.n_streams, dtype=torch.long)
-        logits = torch.zeros(batch, k, self.n_streams, self.resolution)
-        for j in range(k):
-            if not self.has_previous:  # seed the context with the input frame
-                token = tokens[:, j]
-            else:
-                step_features: Optional[torch.Tensor] = None
-                if features is not None:
-                    step_features = features[:, j:j + 1]
-                h, self.state = self.prior.hidden(self.previous.unsqueeze(1), step_features, self.state)
-                token, logit = self.prior.head.sample(h[:, 0], self.temperature, self.film_table, None)
-                logits[:, j] = logit
-            out[:, j] = token
-            self.previous = token
-            self.has_previous = True
-        return out, logits
-
-    def _perplexity(self, logits: torch.Tensor) -> torch.Tensor:
-        """(batch, k, Q, N) -> (batch, k); frames without a prediction (all-zero logits) read N."""
-        return models.perplexity(logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, Q [+ features], k) -> (batch, Q + 1, k): latents, then perplexity."""
         if x.dim() != 3 or x.size(1) != self.n_streams + self.n_features or x.size(2) == 0:
             raise ValueError("prior: expected input (batch, " + str(self.n_streams + self.n_features)
                              + " channels, frames)")
         x = x.float()
-        if self.reset or x.size(0) != self.batch:
-            self._clear(x.size(0))
+        if self.reset:
+            self.stream.reset(x.size(0))
             self.reset = False
         latents = x[:, :self.n_streams].transpose(1, 2)  # (batch, k, Q)
         features: Optional[torch.Tensor] = None
         if self.n_features > 0:
             features = x[:, self.n_streams:].transpose(1, 2).contiguous()  # (batch, k, F)
-        tokens = self._tokens(latents)
-        with torch.no_grad():
-            if self.listen:
-                logits = self._listen(tokens, features)
-                out = latents
-            else:
-                generated, logits = self._generate(tokens, features)
-                out = self._latents(generated)
-        self.last_logits = logits
-        return torch.cat([out.transpose(1, 2), self._perplexity(logits).unsqueeze(1)], dim=1).contiguous()
+        out, perplexity = self.stream(latents, features, self.listen, self.temperature)
+        return torch.cat([out.transpose(1, 2), perplexity.unsqueeze(1)], dim=1).contiguous()
 
 
 class NnModelWithPrior(nn.Module):
@@ -714,22 +618,9 @@ def check_module(module, buffer_size=4096):
                 raise UserError(f"exported method {method} produced non-finite values")
 
 
-def resolve_checkpoint(path, version=None, name="last"):
-    """(version folder, checkpoint file) from a run folder / version folder / checkpoint file."""
-    path = Path(path)
-    if path.is_file():
-        return path.parent, path
-    run_version = data.find_run_version(path, version)
-    checkpoint = run_version / (name if name.endswith(".pt") else f"{name}.pt")
-    if not checkpoint.is_file():
-        found = ", ".join(sorted(p.stem for p in run_version.glob("*.pt"))) or "none"
-        raise UserError(f"{checkpoint}: no such checkpoint (available: {found})")
-    return run_version, checkpoint
-
-
 def export(path, output_dir=None, version=None, name="last", force=False, verbose=True):
     """Export a run to <output_dir>/<run name>.ts and return the file's path."""
-    run_version, checkpoint_path = resolve_checkpoint(path, version, name)
+    run_version, checkpoint_path = data.find_checkpoint(path, version, name)
     model, checkpoint = models.load_vae(checkpoint_path)
     config = checkpoint["config"]
     run_name = config.get("name") or run_version.parent.name
@@ -739,7 +630,7 @@ def export(path, output_dir=None, version=None, name="last", force=False, verbos
     scripted = write_module(build_module(model, config), target, force)
     if verbose:
         describe(scripted, target, checkpoint_path)
-        print("attributes: " + ", ".join(scripted.get_attributes()) + " (phase_mode: keep_input, rtpghi, random)")
+        print("attributes: " + ", ".join(scripted.get_attributes()) + f" (phase_mode: {', '.join(PHASE_MODES)})")
     return target
 
 
@@ -754,8 +645,7 @@ def write_module(module, target, force=False):
         scripted = torch.jit.script(module)
     except Exception as e:
         raise UserError(f"the model cannot be exported to TorchScript ({str(e).strip().splitlines()[0]})") from None
-    tmp = target.parent / f".{target.stem}.{os.getpid()}.ts.tmp"
-    try:
+    with data.atomic_path(target) as tmp:
         scripted.save(str(tmp))
         try:  # a .ts that does not load aborts Pd: prove this one does before it takes the name
             check_module(torch.jit.load(str(tmp)))
@@ -763,21 +653,14 @@ def write_module(module, target, force=False):
             raise
         except Exception as e:
             raise UserError(f"the exported file does not load or run ({str(e).splitlines()[0]})") from None
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return scripted
 
 
 def export_prior(run, output_dir=None, version=None, name="last", force=False, model_path=None, verbose=True):
     """Export a prior run to <output_dir>/<run name>.ts, or with model_path, the latent model and
     the prior in one file <output_dir>/<run name>_<model name>.ts. Returns the file's path."""
-    run_version, checkpoint_path = resolve_checkpoint(run, version, name)
+    run_version, checkpoint_path = data.find_checkpoint(run, version, name)
     prior, checkpoint = models.load_prior(checkpoint_path)
-    if "dataset" not in checkpoint:
-        raise UserError(f"{checkpoint_path}: not a prior checkpoint (no dataset entry): for a VAE run, "
-                        "leave out --prior")
     prior_module = NnPrior(prior, checkpoint["dataset"])
     run_name = checkpoint["config"].get("name") or run_version.parent.name
     if output_dir is None:
@@ -786,7 +669,7 @@ def export_prior(run, output_dir=None, version=None, name="last", force=False, m
         target = Path(output_dir) / f"{run_name}.ts"
         module = prior_module
     else:
-        model = load_latent_model(model_path, checkpoint["dataset"], prior.n_streams)
+        model = models.load_latent_model(model_path, checkpoint["dataset"], prior.n_streams)
         target = Path(output_dir) / f"{run_name}_{Path(model_path).stem}.ts"
         forwarded = {"phase_mode", "latent_scale", "latent_bias"}
         if forwarded <= set(model.get_attributes()):
@@ -804,29 +687,6 @@ def export_prior(run, output_dir=None, version=None, name="last", force=False, m
         print(f"attributes: {', '.join(scripted.get_attributes())}; prior: {prior.n_streams} streams x "
               f"{prior.resolution} tokens ({data_info['quantizer']}), context {prior.context} frames")
     return target
-
-
-def load_latent_model(path, dataset, n_streams):
-    """The nn~ model a prior's latents came from, checked against the prior's dataset."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    try:
-        model = torch.jit.load(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
-    for method in ("encode", "decode", "forward"):
-        if not hasattr(model, method) or not hasattr(model, f"{method}_params"):
-            raise UserError(f"{path}: the model has no '{method}' method (with {method}_params) to combine")
-    ratio = int(model.encode_params[3])
-    if ratio != int(dataset["model"]["ratio"]) or int(model.decode_params[0]) < n_streams:
-        raise UserError(f"{path}: latent ratio {ratio} / {int(model.decode_params[0])} decode inputs, but the prior "
-                        f"was trained on {n_streams} latents at ratio {dataset['model']['ratio']}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if dataset["model"].get("sha256") and digest != dataset["model"]["sha256"]:
-        print(f"warning: {path} is not the file the prior's latents were encoded with "
-              f"({dataset['model'].get('path')}): the latents may not mean the same", file=sys.stderr)
-    return model
 
 
 def describe(module, target, checkpoint_path):
@@ -855,9 +715,8 @@ def parse_args(argv):
     parser.add_argument("--model", default=None,
                         help="with --prior: the latent model's .ts, to write model + prior in one file "
                              "(methods encode, decode, forward, prior)")
-    parser.add_argument("-o", "--output", default=None, help="output folder (default: the run folder)")
-    parser.add_argument("-v", "--version", type=int, default=None, help="version number (default: the latest)")
-    parser.add_argument("-n", "--name", default="last", help="checkpoint name: last (default) or best")
+    data.add_out_argument(parser, None)
+    data.add_checkpoint_arguments(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing .ts file")
     args = parser.parse_args(argv)
     if (args.path is None) == (args.run is None):
@@ -871,8 +730,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.prior:
-        return export_prior(args.path, args.output, args.version, args.name, args.force, args.model)
-    return export(args.path, args.output, args.version, args.name, args.force)
+        return export_prior(args.path, args.out, args.version, args.checkpoint, args.force, args.model)
+    return export(args.path, args.out, args.version, args.checkpoint, args.force)
 
 
 if __name__ == "__main__":

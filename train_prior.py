@@ -18,7 +18,6 @@ with DistributedDataParallel. Each process draws its own train.batch_size random
 given (not scaled with N). Only rank 0 logs, validates and writes the run folder; +resume=1 works
 the same way. On CUDA, train.amp=1 trains in mixed precision and train.compile=1 compiles the model.
 """
-import argparse
 import json
 import math
 import sys
@@ -90,32 +89,15 @@ def check_model_config(config, index):
         raise ConfigError(f"model.dim ({m['dim']}) must be a multiple of model.heads ({m['heads']})")
     if m["backbone"] == "seq2seq" and not index.get("features"):
         raise ConfigError(f"model.backbone=seq2seq needs conditioning features, and {config['data']['db_path']} "
-                          "has none: preprocess with --features loudness,f0 into a new --out_path")
+                          "has none: preprocess with --features loudness,f0 into a new --out")
     if config["data"]["crop"] < 1:
         raise ConfigError("data.crop must be >= 1")
 
 
 def parse_args(argv):
-    configs = ", ".join(data.list_configs(CONFIG_DIR))
-    keys = "\n".join(f"  {k} = {v}" for k, v in data.flatten_config(DEFAULTS))
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"configs (in {CONFIG_DIR}): {configs}\n\nkeys and their defaults:\n{keys}")
-    parser.add_argument("--config", default="decoder_only",
-                        help="a config of configs/prior/ (default decoder_only) or a path to a .yaml file")
-    parser.add_argument("--db_path", default=None, help="latent dataset written by preprocess.py (= data.db_path)")
-    parser.add_argument("--name", default=None, help="run name (= name); runs go to rundir/name/version_K")
-    parser.add_argument("--pretrained_embedding", default=None,
-                        help="a discrete model's .ts: initialise the token embeddings from its codebook")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20000")
-    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
-    overrides = list(args.overrides)
-    for key, value in (("data.db_path", args.db_path), ("name", args.name),
-                       ("pretrained_embedding", args.pretrained_embedding)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")  # quoted: a YAML string whatever it holds
-    config = data.load_config(args.config, overrides, DEFAULTS, CONFIG_DIR)
-    return args, config
+    return data.parse_training_command(
+        argv, __doc__, CONFIG_DIR, DEFAULTS, default_config="decoder_only",
+        flags={"--db_path": "data.db_path", "--name": "name", "--pretrained_embedding": "pretrained_embedding"})
 
 
 def learning_rate(step, tc):
@@ -135,7 +117,9 @@ def token_metrics(logits, targets, top_k):
 
 @torch.no_grad()
 def evaluate(model, sequences, config):
-    """Mean metrics over consecutive crops covering the validation stream."""
+    """Mean metrics over consecutive crops covering the validation stream ({} when it holds < 2 frames)."""
+    if len(sequences) < 2:
+        return {}
     model.eval()
     tokens, features = sequences.tiled_crops(config["data"]["crop"] + 1)
     totals, n = {}, 0
@@ -154,10 +138,7 @@ def evaluate(model, sequences, config):
 
 def load_codebook(path, n_streams, resolution):
     """(Q, N, d) codebook of a discrete nn~ model, or None when the model has none."""
-    try:
-        model = torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:
-        raise UserError(f"{path}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+    model = models.load_torchscript(path)
     found = []
     for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
         if ("codebook" in name or name.endswith("embed") or "embedding" in name) and tensor.dim() == 2 \
@@ -179,6 +160,26 @@ def init_embedding_from_codebook(model, codebook):
         table[:, :, :width] = codebook[:, :, :width] * scale
 
 
+def print_check(model, index, split, train_set, valid_set, db_path, baseline):
+    """What +check=1 prints: the model and the dataset."""
+    n_streams, resolution = index["model"]["latent_dim"], index["resolution"]
+    frame_rate = index["model"]["sample_rate"] / index["model"]["ratio"]
+    print(model)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    print(f"dataset {db_path}: {len(index['files'])} files, {n_streams} streams x {resolution} tokens "
+          f"({index['quantizer']}), {frame_rate:.1f} frames/s, features {index.get('features') or 'none'}")
+    print(f"train: {len(split['train'])} files, {len(train_set)} frames; "
+          f"valid: {len(split['valid'])} files, {len(valid_set)} frames")
+    print(f"unigram baseline cross-entropy: {baseline:.3f} nats")
+
+
+def training_checkpoint(model, optimizer, step, stopper, config, prior_kwargs, index):
+    """What last.pt / best.pt hold (data.save_checkpoint's format); +resume=1 reads it back."""
+    dataset_info = {k: index[k] for k in ("model", "discrete", "quantizer", "resolution", "features") if k in index}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, **stopper.state_dict(),
+            "config": config, "prior": prior_kwargs, "dataset": dataset_info}
+
+
 def main(argv=None):
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     print0 = data.print0  # print on rank 0 only (a plain print without torchrun)
@@ -187,7 +188,6 @@ def main(argv=None):
     config, resume_dir = data.resume_config(config, args.overrides)
     if resume_dir is not None:
         print0(f"resuming {resume_dir}")
-
     tc = config["train"]
     if config["data"]["db_path"] is None:
         raise ConfigError("no dataset: pass --db_path path/to/db (made by preprocess.py)")
@@ -203,11 +203,11 @@ def main(argv=None):
         torch.set_num_threads(tc["num_threads"])
 
     # ---- data: token sequences of the split's files, joined, on the device --------------------
-    keys = [f["key"] for f in index["files"]]
     if resume_dir is not None:
         split = json.loads((resume_dir / "split.json").read_text())
     else:
-        train_keys, valid_keys = data.split_files(keys, config["data"]["valid_fraction"], tc["seed"])
+        train_keys, valid_keys = data.split_files([f["key"] for f in index["files"]],
+                                                  config["data"]["valid_fraction"], tc["seed"])
         split = {"seed": tc["seed"], "train": train_keys, "valid": valid_keys}
     train_set = data.LatentSequences(db_path, index, split["train"]).to(device)
     valid_set = data.LatentSequences(db_path, index, split["valid"]).to(device)
@@ -216,37 +216,32 @@ def main(argv=None):
     if len(train_set) < crop + 1:
         raise UserError(f"{db_path}: the training files hold {len(train_set)} frames, fewer than one crop "
                         f"of {crop + 1}: set data.crop={max(len(train_set) - 1, 1)} or add audio")
+    baseline = train_set.unigram_cross_entropy(valid_set if len(valid_set) else train_set, resolution)
+
+    # ---- model and optimizer, fresh or from last.pt ------------------------------------------
     n_features = len(index.get("features") or []) if config["model"]["backbone"] == "seq2seq" else 0
     prior_kwargs = models.prior_config_kwargs(config, n_streams, resolution, n_features)
     model = models.LatentPrior(**prior_kwargs).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    frame_rate = index["model"]["sample_rate"] / index["model"]["ratio"]
-    baseline = train_set.unigram_cross_entropy(valid_set if len(valid_set) else train_set, resolution)
     if config["check"]:
-        print0(model)
-        print0(f"parameters: {n_params:,}")
-        print0(f"dataset {db_path}: {len(keys)} files, {n_streams} streams x {resolution} tokens "
-               f"({index['quantizer']}), {frame_rate:.1f} frames/s, features {index.get('features') or 'none'}")
-        print0(f"train: {len(split['train'])} files, {len(train_set)} frames; "
-               f"valid: {len(split['valid'])} files, {len(valid_set)} frames")
-        print0(f"unigram baseline cross-entropy: {baseline:.3f} nats")
+        if dist_info.is_main:
+            print_check(model, index, split, train_set, valid_set, db_path, baseline)
         data.cleanup_distributed()
         sys.exit(0)
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
                                   weight_decay=tc["weight_decay"])
-    step, best_val = 0, math.inf
+    step, stopper = 0, data.EarlyStopping(tc["patience"])
+    if n_features:  # feature normalisation statistics of the training set, stored in the model
+        model.feature_mean.copy_(train_set.features.mean(0))
+        model.feature_std.copy_(train_set.features.std(0).clamp(min=1e-3))
     if resume_dir is not None:  # every rank loads last.pt
-        checkpoint = models.load_checkpoint(resume_dir / "last.pt")
+        checkpoint = data.load_checkpoint(resume_dir / "last.pt")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        step, best_val = checkpoint["step"], checkpoint["best_val"]
+        step = checkpoint["step"]
+        stopper.load_state_dict(checkpoint)
         run_dir = resume_dir
         torch.manual_seed(tc["seed"] + step + dist_info.rank)
     else:
-        if n_features:  # feature normalisation statistics of the training set, stored in the model
-            model.feature_mean.copy_(train_set.features.mean(0))
-            model.feature_std.copy_(train_set.features.std(0).clamp(min=1e-3))
         if config["pretrained_embedding"]:
             codebook = load_codebook(config["pretrained_embedding"], n_streams, resolution)
             if codebook is None:
@@ -256,38 +251,11 @@ def main(argv=None):
                 init_embedding_from_codebook(model, codebook.to(device))
                 print0(f"token embeddings initialised from the codebook of {config['pretrained_embedding']}")
         run_dir = data.start_run(Path(config["rundir"]) / config["name"], config, split)  # made by rank 0
-    dataset_info = {k: index[k] for k in ("model", "discrete", "quantizer", "resolution", "features") if k in index}
     print0(f"run {run_dir}: {len(train_set)} training frames ({len(split['train'])} files), {len(valid_set)} "
-           f"validation frames, {n_streams} streams x {resolution} tokens, {n_params:,} parameters, {device}; "
-           f"unigram baseline {baseline:.3f} nats")
-
+           f"validation frames, {n_streams} streams x {resolution} tokens, "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}; unigram baseline {baseline:.3f} nats")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(log_dir=str(run_dir)) if dist_info.is_main else None
-
-    def save(path_name):
-        models.save_checkpoint(run_dir / path_name, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "best_val": best_val, "config": config, "prior": prior_kwargs, "dataset": dataset_info})
-
-    def validate():  # rank 0 only: the plain model under no_grad, no collective
-        nonlocal best_val, bad_validations
-        if len(valid_set) < 2:
-            save("last.pt")
-            return
-        metrics = evaluate(model, valid_set, config)
-        for k, v in metrics.items():
-            writer.add_scalar(f"valid/{k}", v, step)
-        writer.add_scalar("valid/unigram_baseline", baseline, step)
-        improved = metrics["cross_entropy"] < best_val
-        if improved:
-            best_val, bad_validations = metrics["cross_entropy"], 0
-        else:
-            bad_validations += 1
-        save("last.pt")
-        if improved:
-            save("best.pt")
-        print(f"  validation at step {step}: cross-entropy {metrics['cross_entropy']:.4f} (unigram {baseline:.4f}) "
-              f"top1 {metrics['top1']:.3f} perplexity {metrics['perplexity']:.2f}{' (best)' if improved else ''}")
 
     # ---- GPU options: mixed precision, torch.compile; DDP over several processes ----------------
     autocast, scaler = data.mixed_precision(tc["amp"], device)
@@ -299,10 +267,10 @@ def main(argv=None):
                f"{dist_info.world_size} × {tc['batch_size']} = {dist_info.world_size * tc['batch_size']} crops "
                f"per step, learning rate {tc['lr']:g} (not scaled with the number of processes)")
 
-    # ---- training loop ------------------------------------------------------------------------
+    # ---- training loop: step -> log -> validate and checkpoint (rank 0) -> early stop ---------
     # crops come from a generator of this run, step and rank (rank 0 draws what one process would)
     generator = torch.Generator(device=device).manual_seed(tc["seed"] + step + 1_000_003 * dist_info.rank)
-    bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
+    last_log, frames_seen, t0 = time.time(), 0, time.time()
     start_step, max_steps = step, tc["max_steps"]
     model.train()
     try:
@@ -322,35 +290,46 @@ def main(argv=None):
             scaler.update()
             step += 1
             frames_seen += tokens.shape[0] * crop * dist_info.world_size
+
             if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
                 metrics = {k: float(v) for k, v in token_metrics(logits.detach(), targets, tc["top_k"]).items()}
+                metrics.update(perplexity=math.exp(metrics["cross_entropy"]), lr=lr)
                 for k, v in metrics.items():
                     writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/perplexity", math.exp(metrics["cross_entropy"]), step)
-                writer.add_scalar("train/lr", lr, step)
                 now = time.time()
-                fps = frames_seen / (now - last_log)
                 eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
                 print(f"step {step}/{max_steps} cross-entropy {metrics['cross_entropy']:.4f} "
-                      f"top1 {metrics['top1']:.3f} lr {lr:.2e} | {fps:,.0f} frames/s | ETA {eta / 60:.1f} min",
-                      flush=True)
+                      f"top1 {metrics['top1']:.3f} lr {lr:.2e} | {frames_seen / (now - last_log):,.0f} frames/s | "
+                      f"ETA {eta / 60:.1f} min", flush=True)
                 last_log, frames_seen = now, 0
+
             if step % tc["val_every"] == 0 or step == max_steps:
-                if dist_info.is_main:
-                    validate()
-                stop = bool(tc["patience"]) and bad_validations >= tc["patience"]
-                if data.broadcast_object(stop):  # rank 0's decision: every rank stops at the same step
+                if dist_info.is_main:  # the plain model under no_grad, no collective
+                    metrics = evaluate(model, valid_set, config)  # {} without validation frames
+                    improved = bool(metrics) and stopper.update(metrics["cross_entropy"])
+                    for k, v in dict(metrics, unigram_baseline=baseline).items():
+                        writer.add_scalar(f"valid/{k}", v, step)
+                    checkpoint = training_checkpoint(model, optimizer, step, stopper, config, prior_kwargs, index)
+                    data.save_checkpoint(run_dir / "last.pt", checkpoint)
+                    if improved:
+                        data.save_checkpoint(run_dir / "best.pt", checkpoint)
+                    if metrics:
+                        print(f"  validation at step {step}: cross-entropy {metrics['cross_entropy']:.4f} (unigram "
+                              f"{baseline:.4f}) top1 {metrics['top1']:.3f} perplexity {metrics['perplexity']:.2f}"
+                              f"{' (best)' if improved else ''}")
+                if data.broadcast_object(stopper.should_stop):  # rank 0's decision: every rank stops here
                     print0(f"early stop: no lower validation cross-entropy in {tc['patience']} validations")
                     break
     except KeyboardInterrupt:
-        if dist_info.is_main:
-            save("last.pt")  # keep the progress: +resume=1 continues from here
+        if dist_info.is_main:  # keep the progress: +resume=1 continues from here
+            data.save_checkpoint(run_dir / "last.pt",
+                                 training_checkpoint(model, optimizer, step, stopper, config, prior_kwargs, index))
             print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
         raise
     if dist_info.is_main:
         writer.close()
     data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
-    print0(f"done: {run_dir} (best validation cross-entropy {best_val:.4f}, unigram baseline {baseline:.4f})")
+    print0(f"done: {run_dir} (best validation cross-entropy {stopper.best:.4f}, unigram baseline {baseline:.4f})")
     return run_dir
 
 

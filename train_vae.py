@@ -1,6 +1,6 @@
 """Train a spectral variational auto-encoder (vschaos2-style) on a folder of audio.
 
-    python train_vae.py --config-name dgt_mid name=my_training rundir=my_path +data.dataset.root=my_data
+    python train_vae.py --config dgt_mid name=my_training rundir=my_path +data.dataset.root=my_data
 
 Every argument after the config name is a dotted key=value override (a leading + is accepted
 and means the same); values are YAML scalars. Runs go to rundir/name/version_K/ with
@@ -8,20 +8,18 @@ config.yaml, split.json, last.pt, best.pt and TensorBoard logs (tensorboard --lo
 `+check=1` prints the model and a dataset summary and exits; `+resume=1` continues the latest
 version of rundir/name (or resume=path/to/version_K).
 
-Several GPUs (or CPU processes): `torchrun --nproc_per_node N train_vae.py --config-name ...`
+Several GPUs (or CPU processes): `torchrun --nproc_per_node N train_vae.py --config ...`
 trains with DistributedDataParallel. Each process takes train.batch_size frames per step, so the
 effective batch is N × train.batch_size; train.lr is used as given (not scaled with N). Only rank 0
 logs, validates and writes the run folder; +resume=1 works the same way. On CUDA, train.amp=1
 trains in mixed precision and train.compile=1 compiles the model with torch.compile.
 """
-import argparse
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -136,17 +134,8 @@ def check_tasks(config):
 
 
 def parse_args(argv):
-    configs = ", ".join(data.list_configs(CONFIG_DIR))
-    keys = "\n".join(f"  {k} = {v}" for k, v in data.flatten_config(DEFAULTS))
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"configs (in {CONFIG_DIR}): {configs}\n\nkeys and their defaults "
-               f"(per-task sections: {', '.join(OPEN_SECTIONS)}.<task>):\n{keys}")
-    parser.add_argument("--config-name", "-cn", default=None,
-                        help="a config of configs/ (e.g. dgt_mid) or a path to a .yaml file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. +data.dataset.root=my_data")
-    args = parser.parse_args(argv)
-    config = data.load_config(args.config_name, args.overrides, DEFAULTS, CONFIG_DIR, OPEN_SECTIONS)
+    args, config = data.parse_training_command(argv, __doc__, CONFIG_DIR, DEFAULTS, flags={"--name": "name"},
+                                               open_sections=OPEN_SECTIONS)
     check_tasks(config)
     return args, config
 
@@ -191,7 +180,9 @@ def host_scalars(losses):
 
 @torch.no_grad()
 def evaluate(model, frames, config, step, device):
-    """Mean losses over all validation frames (posterior mean, no augmentation)."""
+    """Mean losses over all validation frames (posterior mean, no augmentation); {} without frames."""
+    if len(frames) == 0:
+        return {}
     model.eval()
     totals, counts = {}, {}
     bs = config["train"]["batch_size"]
@@ -206,8 +197,9 @@ def evaluate(model, frames, config, step, device):
 
 
 @torch.no_grad()
-def log_examples(writer, model, frames, config, step, device, max_frames=400):
-    """Spectrogram image (original above, reconstruction below) and audio of one validation file."""
+def log_examples(writer, model, frames, config, step, device, log_original, max_frames=400):
+    """Spectrogram image (original above, reconstruction below) and audio of one validation file;
+    log_original: also the original's resynthesis (once per run is enough)."""
     t = config["data"]["transform"]
     model.eval()
     index = frames.file_frames(0)[:max_frames]
@@ -222,11 +214,10 @@ def log_examples(writer, model, frames, config, step, device, max_frames=400):
     audio = models.reconstruct_audio(model.denormalize(x_hat).t().cpu(), t["n_fft"], t["hop"], "pghi", iters=10)
     writer.add_audio("valid/reconstruction", (audio / audio.abs().max().clamp(min=1.0)).unsqueeze(0), step,
                      sample_rate=t["sr"])
-    if step == 0 or not getattr(log_examples, "logged_original", False):
+    if log_original:
         original = models.reconstruct_audio(mags.t().cpu(), t["n_fft"], t["hop"], "pghi", iters=10)
         writer.add_audio("valid/original_magnitude_resynthesis",
                          (original / original.abs().max().clamp(min=1.0)).unsqueeze(0), step, sample_rate=t["sr"])
-        log_examples.logged_original = True
     model.train()
 
 
@@ -247,6 +238,55 @@ def summarize(frames, metadata, config, split_name):
     return "\n".join(lines)
 
 
+def load_frames(config, resume_dir, dist_info, check):
+    """(train FrameSet, valid FrameSet, split, files, metadata, problems, warnings) of the config's
+    dataset: the split saved in resume_dir, or a new seeded split by file. With check (+check=1),
+    metadata problems are collected instead of stopping at the first."""
+    ds, t, seed = config["data"]["dataset"], config["data"]["transform"], config["train"]["seed"]
+    problems = [] if check else None
+    callbacks = ds["metadata_callbacks"] or {}
+    files, metadata = data.scan_dataset(ds["root"], ds["n_files"], callbacks, problems)
+    task_dims = {task: spec["dim"] for section in ("conditioning", "prediction")
+                 for task, spec in config["model"][section].items()}
+    data.check_label_ranges(metadata, task_dims, problems)
+    if resume_dir is not None:
+        split = json.loads((resume_dir / "split.json").read_text())
+    else:
+        train_files, valid_files = data.split_files(files, config["data"]["valid_fraction"], seed)
+        split = {"seed": seed, "train": train_files, "valid": valid_files}
+    cache = ds["cache"] or str(Path(config["rundir"]) / "cache")
+    warnings = []
+
+    def warn(message):
+        warnings.append(message)
+        data.print0(message, file=sys.stderr)
+
+    with data.main_process_first():  # under torchrun rank 0 fills the spectra cache, the others read it
+        train_set = data.FrameSet(ds["root"], split["train"], metadata, callbacks, t, cache,
+                                  progress=dist_info.is_main, warn=warn)
+        valid_set = data.FrameSet(ds["root"], split["valid"], metadata, callbacks, t, cache,
+                                  progress=dist_info.is_main, warn=warn)
+    return train_set, valid_set, split, files, metadata, problems or [], warnings
+
+
+def print_check(model, files, metadata, train_set, valid_set, problems, warnings, config):
+    """What +check=1 prints: the model, the dataset and every problem found."""
+    print(model)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    print(f"dataset {config['data']['dataset']['root']}: {len(files)} audio files")
+    print(summarize(train_set, metadata, config, "train"))
+    print(summarize(valid_set, metadata, config, "valid"))
+    for message in problems + warnings:
+        print(f"problem: {message}")
+    print(f"{len(problems)} metadata problem(s), {len(warnings)} audio file(s) skipped")
+
+
+def training_checkpoint(model, optimizer, step, epoch, stopper, config):
+    """What last.pt / best.pt hold (data.save_checkpoint's format); +resume=1 reads it back."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+            **stopper.state_dict(), "config": config}
+
+
 def main(argv=None):
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     print0 = data.print0  # print on rank 0 only (a plain print without torchrun)
@@ -255,10 +295,8 @@ def main(argv=None):
     config, resume_dir = data.resume_config(config, args.overrides)
     if resume_dir is not None:
         print0(f"resuming {resume_dir}")
-
-    tc, t = config["train"], config["data"]["transform"]
-    ds = config["data"]["dataset"]
-    if ds["root"] is None:
+    tc = config["train"]
+    if config["data"]["dataset"]["root"] is None:
         raise ConfigError("no dataset: set +data.dataset.root=path/to/my_data")
 
     # ---- processes and device: one process, or N under torchrun (process group from its env) --
@@ -268,93 +306,38 @@ def main(argv=None):
     if tc["num_threads"]:
         torch.set_num_threads(tc["num_threads"])
 
-    # ---- data -------------------------------------------------------------------------------
+    # ---- data: every spectral frame of the split's files, in memory -------------------------
     check = bool(config["check"])
-    problems = [] if check else None  # +check=1 collects every problem instead of stopping at one
-    callbacks = ds["metadata_callbacks"] or {}
-    files, metadata = data.scan_dataset(ds["root"], ds["n_files"], callbacks, problems)
-    task_dims = {t_: s["dim"] for section in ("conditioning", "prediction")
-                 for t_, s in config["model"][section].items()}
-    data.check_label_ranges(metadata, task_dims, problems)
-    if resume_dir is not None:
-        split = json.loads((resume_dir / "split.json").read_text())
-    else:
-        train_files, valid_files = data.split_files(files, config["data"]["valid_fraction"], tc["seed"])
-        split = {"seed": tc["seed"], "train": train_files, "valid": valid_files}
-    cache = ds["cache"] or str(Path(config["rundir"]) / "cache")
-    warnings = []
-
-    def warn(message):
-        warnings.append(message)
-        print0(message, file=sys.stderr)
-
-    with data.main_process_first():  # under torchrun rank 0 fills the spectra cache, the others read it
-        train_set = data.FrameSet(ds["root"], split["train"], metadata, callbacks, t, cache,
-                                  progress=dist_info.is_main, warn=warn)
-        valid_set = data.FrameSet(ds["root"], split["valid"], metadata, callbacks, t, cache,
-                                  progress=dist_info.is_main, warn=warn)
+    train_set, valid_set, split, files, metadata, problems, warnings = load_frames(config, resume_dir, dist_info,
+                                                                                   check)
     if len(train_set) == 0 and not check:
-        raise UserError(f"{ds['root']}: no usable training audio (every file was skipped)")
+        raise UserError(f"{config['data']['dataset']['root']}: no usable training audio (every file was skipped)")
 
+    # ---- model and optimizer, fresh or from last.pt ------------------------------------------
     model = models.build_vae(config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     if check:
-        print0(model)
-        print0(f"parameters: {n_params:,}")
-        print0(f"dataset {ds['root']}: {len(files)} audio files")
-        print0(summarize(train_set, metadata, config, "train"))
-        print0(summarize(valid_set, metadata, config, "valid"))
-        for message in problems + warnings:
-            print0(f"problem: {message}")
-        print0(f"{len(problems)} metadata problem(s), {len(warnings)} audio file(s) skipped")
+        if dist_info.is_main:
+            print_check(model, files, metadata, train_set, valid_set, problems, warnings, config)
         data.cleanup_distributed()
         sys.exit(1 if problems else 0)
-
+    model.set_normalization(train_set.mags)  # statistics of the training set (a resumed run loads its own)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"])
-    step, epoch, best_val = 0, 0, math.inf
+    step, epoch, stopper = 0, 0, data.EarlyStopping(tc["patience"])
     if resume_dir is not None:  # every rank loads last.pt
-        checkpoint = models.load_checkpoint(resume_dir / "last.pt")
+        checkpoint = data.load_checkpoint(resume_dir / "last.pt")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        step, epoch, best_val = checkpoint["step"], checkpoint["epoch"], checkpoint["best_val"]
+        step, epoch = checkpoint["step"], checkpoint["epoch"]
+        stopper.load_state_dict(checkpoint)
         run_dir = resume_dir
         torch.manual_seed(tc["seed"] + step + dist_info.rank)
     else:
-        # normalisation statistics of the training set, stored in the model
-        logmag = torch.log1p(train_set.mags)
-        model.norm_offset.fill_(logmag.min().item())
-        model.norm_scale.fill_(max(logmag.max().item() - logmag.min().item(), 1e-6))
         run_dir = data.start_run(Path(config["rundir"]) / config["name"], config, split)  # made by rank 0
     print0(f"run {run_dir}: {len(train_set)} training frames ({len(train_set.files)} files), "
-           f"{len(valid_set)} validation frames ({len(valid_set.files)} files), {n_params:,} parameters, {device}")
-
+           f"{len(valid_set)} validation frames ({len(valid_set.files)} files), "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(log_dir=str(run_dir)) if dist_info.is_main else None
-
-    def save(path_name):
-        models.save_checkpoint(run_dir / path_name, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-            "best_val": best_val, "config": config})
-
-    def validate():  # rank 0 only: the plain model under no_grad, no collective
-        nonlocal best_val, bad_validations
-        if len(valid_set) == 0:
-            save("last.pt")
-            return
-        metrics = evaluate(model, valid_set, config, step, device)
-        for k, v in metrics.items():
-            writer.add_scalar(f"valid/{k}", v, step)
-        log_examples(writer, model, valid_set, config, step, device)
-        improved = metrics["loss"] < best_val
-        if improved:
-            best_val, bad_validations = metrics["loss"], 0
-        else:
-            bad_validations += 1
-        save("last.pt")
-        if improved:
-            save("best.pt")
-        print(f"  validation at step {step}: loss {metrics['loss']:.4f} sc {metrics['sc']:.4f} "
-              f"kl {metrics['kl']:.2f}{' (best)' if improved else ''}")
 
     # ---- GPU options: mixed precision, torch.compile; DDP over several processes ----------------
     autocast, scaler = data.mixed_precision(tc["amp"], device)
@@ -362,7 +345,7 @@ def main(argv=None):
     if tc["compile"]:
         train_model = torch.compile(train_model)
 
-    # ---- training loop ------------------------------------------------------------------------
+    # ---- batches: each epoch a new order of the frames (this rank's share under torchrun) ------
     train_mags = train_set.mags.to(device)  # (frames, bins): the whole set fits in memory
     train_labels = {k: v.to(device) for k, v in train_set.labels.items()}
     frames_per_rank = len(train_set) // dist_info.world_size  # per epoch (DistributedSampler, drop_last)
@@ -379,54 +362,68 @@ def main(argv=None):
         print0(f"torchrun: {dist_info.world_size} processes ({dist_info.backend}), effective batch "
                f"{dist_info.world_size} × {bs} = {dist_info.world_size * bs} frames per step, "
                f"learning rate {tc['lr']:g} (not scaled with the number of processes)")
-    bad_validations, last_log, frames_seen, t0 = 0, time.time(), 0, time.time()
-    start_step = step
+    order, batch_in_epoch = data.shard_indices(len(train_set), epoch, tc["seed"], device), 0
+
+    # ---- training loop: step -> log -> validate and checkpoint (rank 0) -> early stop ---------
+    last_log, frames_seen, t0 = time.time(), 0, time.time()
+    start_step, original_logged = step, False
     model.train()
     try:
         while step < max_steps:
-            order = data.shard_indices(len(train_set), epoch, tc["seed"], device)  # this rank's share, shuffled
-            for i in range(steps_per_epoch):
-                if step >= max_steps:
+            idx = order[batch_in_epoch * bs:(batch_in_epoch + 1) * bs]
+            with autocast:
+                losses = compute_losses(train_model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
+                                        config, step, augment=True)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()  # DDP averages the gradients of every rank here
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            frames_seen += bs * dist_info.world_size
+            batch_in_epoch += 1
+            if batch_in_epoch == steps_per_epoch:  # the epoch is done: a new order for the next one
+                epoch, batch_in_epoch = epoch + 1, 0
+                order = data.shard_indices(len(train_set), epoch, tc["seed"], device)
+
+            if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
+                scalars = host_scalars(losses)  # the only host sync of the step, at log time
+                for k, v in scalars.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                now = time.time()
+                eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
+                print(f"step {step}/{max_steps} epoch {epoch} loss {scalars['loss']:.4f} "
+                      f"sc {scalars['sc']:.4f} kl {scalars['kl']:.2f} | "
+                      f"{frames_seen / (now - last_log):,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)
+                last_log, frames_seen = now, 0
+
+            if step % tc["val_every"] == 0 or step == max_steps:
+                if dist_info.is_main:  # the plain model under no_grad, no collective
+                    metrics = evaluate(model, valid_set, config, step, device)  # {} without validation frames
+                    improved = bool(metrics) and stopper.update(metrics["loss"])
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"valid/{k}", v, step)
+                    if metrics:
+                        log_examples(writer, model, valid_set, config, step, device, not original_logged)
+                        original_logged = True
+                    checkpoint = training_checkpoint(model, optimizer, step, epoch, stopper, config)
+                    data.save_checkpoint(run_dir / "last.pt", checkpoint)
+                    if improved:
+                        data.save_checkpoint(run_dir / "best.pt", checkpoint)
+                    if metrics:
+                        print(f"  validation at step {step}: loss {metrics['loss']:.4f} sc {metrics['sc']:.4f} "
+                              f"kl {metrics['kl']:.2f}{' (best)' if improved else ''}")
+                if data.broadcast_object(stopper.should_stop):  # rank 0's decision: every rank stops here
+                    print0(f"early stop: no improvement in {tc['patience']} validations")
                     break
-                idx = order[i * bs:(i + 1) * bs]
-                with autocast:
-                    losses = compute_losses(train_model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
-                                            config, step, augment=True)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()  # DDP averages the gradients of every rank here
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                frames_seen += bs * dist_info.world_size
-                if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
-                    scalars = host_scalars(losses)  # the only host sync of the step, at log time
-                    for k, v in scalars.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    now = time.time()
-                    fps = frames_seen / (now - last_log)
-                    eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
-                    print(f"step {step}/{max_steps} epoch {epoch} loss {scalars['loss']:.4f} "
-                          f"sc {scalars['sc']:.4f} kl {scalars['kl']:.2f} | "
-                          f"{fps:,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)
-                    last_log, frames_seen = now, 0
-                if step % tc["val_every"] == 0 or step == max_steps:
-                    if dist_info.is_main:
-                        validate()
-                    stop = bool(tc["patience"]) and bad_validations >= tc["patience"]
-                    if data.broadcast_object(stop):  # rank 0's decision: every rank stops at the same step
-                        print0(f"early stop: no improvement in {tc['patience']} validations")
-                        max_steps = step
-            else:
-                epoch += 1
     except KeyboardInterrupt:
-        if dist_info.is_main:
-            save("last.pt")  # keep the progress: +resume=1 continues from here
+        if dist_info.is_main:  # keep the progress: +resume=1 continues from here
+            data.save_checkpoint(run_dir / "last.pt", training_checkpoint(model, optimizer, step, epoch, stopper, config))
             print(f"\ninterrupted at step {step}: saved {run_dir / 'last.pt'} (continue with +resume=1)")
         raise
     if dist_info.is_main:
         writer.close()
     data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
-    print0(f"done: {run_dir} (best validation loss {best_val:.4f})")
+    print0(f"done: {run_dir} (best validation loss {stopper.best:.4f})")
     return run_dir
 
 

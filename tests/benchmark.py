@@ -30,8 +30,7 @@ import script  # noqa: E402
 import train_prior  # noqa: E402
 import train_vae  # noqa: E402
 from make_demo_data import write_demo_dataset  # noqa: E402
-from signals import phase_test_signal  # noqa: E402
-from test_prior import write_latent_db  # noqa: E402
+from helpers import phase_test_signal, write_latent_db  # noqa: E402
 
 
 def table(title, rows):
@@ -142,7 +141,7 @@ def _time_streaming(module, mag, chunk, repeats=3):
         module.reset(mag.shape[0])
         start = time.perf_counter()
         for i in range(0, n_frames, chunk):
-            module(mag[..., i:i + chunk], 0)
+            module(mag[..., i:i + chunk], "rtpghi")
         best = min(best, (time.perf_counter() - start) / n_frames * 1e6)
     return best
 
@@ -157,7 +156,7 @@ def bench_phase(results, workdir=None, seconds=3.0, sr=44100):
     print(f"{'method':<20}" + "".join(f"{f'{n}/{h}':>12}" for n, h in ((1024, 256), (2048, 512))))
     table = {name: [] for name, _, _ in methods}
     for n_fft, hop in ((1024, 256), (2048, 512)):
-        mag = models.stft(audio, n_fft, hop).abs()  # (bins, frames)
+        mag = data.stft(audio, n_fft, hop).abs()  # (bins, frames)
         for name, method, iters in methods:
             resynth = models.reconstruct_audio(mag, n_fft, hop, method=method, iters=iters, length=audio.numel())
             sc = models.spectral_convergence_audio(mag, resynth, n_fft, hop)
@@ -165,7 +164,7 @@ def bench_phase(results, workdir=None, seconds=3.0, sr=44100):
             table[name].append(sc)
         # the same signal without fades: the reflect-padded edge frames dominate (see phase_test_signal)
         abrupt = phase_test_signal(sr, seconds, fade_seconds=0.0)
-        abrupt_mag = models.stft(abrupt, n_fft, hop).abs()
+        abrupt_mag = data.stft(abrupt, n_fft, hop).abs()
         resynth = models.reconstruct_audio(abrupt_mag, n_fft, hop, method="pghi", iters=0, length=abrupt.numel())
         sc = models.spectral_convergence_audio(abrupt_mag, resynth, n_fft, hop)
         results[f"phase_sc_db/pghi_abrupt_edges/{n_fft}_{hop}"] = sc
@@ -176,7 +175,7 @@ def bench_phase(results, workdir=None, seconds=3.0, sr=44100):
     torch.set_num_threads(1)
     try:
         n_fft, hop = 2048, 512
-        mag = models.stft(audio, n_fft, hop).abs().unsqueeze(0)  # (1, bins, frames)
+        mag = data.stft(audio, n_fft, hop).abs().unsqueeze(0)  # (1, bins, frames)
         print(f"StreamingPhase (TorchScript, 1 thread, {n_fft}/{hop}), µs per frame:")
         for lookahead in (False, True):
             module = torch.jit.script(models.StreamingPhase(n_fft, hop, lookahead=lookahead))
@@ -219,7 +218,7 @@ def accuracy(f0, midi_per_sample, hop, sr, note_len):
     pos = (centres[inside] / sr) % note_len
     keep = (pos > 0.03) & (pos < note_len - 0.03)
     truth = midi_per_sample[centres[inside][keep]]
-    pitch, octave = extract_pitch.frame_labels(f0[inside][keep])
+    pitch, octave = models.pitch_classes(f0[inside][keep])
     return float(np.mean(pitch == truth % 12)), float(np.mean(octave == truth // 12 - 1))
 
 
@@ -238,13 +237,13 @@ def bench_pitch(results, workdir=None, seconds=10.0, threads=2, hop=256, sr=4410
                    ("full", "full", [])]
         for name, model, extra in configs:
             args = extract_pitch.parse_args([tmp, "--model", model, "--device", "cpu", "--hop", str(hop), *extra])
-            forward = extract_pitch.load_crepe(model, "cpu")
+            forward = models.load_crepe(model, "cpu")
             extract_pitch.analyse_file(warm, args, forward)
             best = None
             for _ in range(repeats if model == "tiny" else 1):  # best of N: the wall clock of a shared machine is noisy
                 start, cpu_start = time.perf_counter(), time.process_time()
                 f0, _, _ = extract_pitch.analyse_file(path, args, forward)
-                extract_pitch.frame_labels(f0)
+                models.pitch_classes(f0)
                 wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 if best is None or wall < best[0]:
                     best = (wall, cpu, f0)

@@ -1,18 +1,19 @@
-"""Shared fixtures: small synthetic datasets made by the tests themselves (no downloads)."""
-import subprocess
-import sys
-from pathlib import Path
+"""Shared fixtures: small synthetic datasets made by the tests themselves (no downloads). Plain helpers
+(the nn~ host, fake runs, latent datasets, signals) are in helpers.py.
 
+Tests marked `slow` (training runs, torchrun, crepe) are left out by `pytest -m "not slow"`, the
+quick check while editing; CI runs everything."""
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import helpers
+from make_demo_data import write_demo_dataset
 
-from make_demo_data import write_demo_dataset  # noqa: E402
+ROOT = helpers.ROOT  # the project folder, put on sys.path by helpers
 
-# A fast transform for tests: 16 kHz, 256-point windows
-FAST = ["data.transform.sr=16000", "data.transform.n_fft=256", "data.transform.hop=64"]
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that trains, runs torchrun or crepe (pytest -m 'not slow' skips it)")
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +22,6 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root, n_files=9, seconds=1.0, sr=16000)
     return root
-
-
-def run_script(*args, cwd=ROOT):
-    """Run one of the project's scripts in a subprocess: (returncode, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture

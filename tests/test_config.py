@@ -3,7 +3,7 @@ import pytest
 
 import data
 import train_vae
-from conftest import run_script
+from helpers import run_script
 
 
 def parse(*argv):

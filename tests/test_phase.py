@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from models import (StreamingISTFT, StreamingPhase, StreamingSTFT, griffin_lim, istft, pghi,
-                    reconstruct_audio, spectral_convergence, spectral_convergence_audio, stft)
-from signals import phase_test_signal
+from data import istft, stft
+from helpers import phase_test_signal
+from models import (StreamingISTFT, StreamingPhase, StreamingSTFT, griffin_lim, pghi, reconstruct_audio,
+                    spectral_convergence, spectral_convergence_audio)
 
 SR = 44100
 CONFIGS = [(1024, 256), (2048, 512)]
@@ -19,7 +20,7 @@ def signal(kind, seconds=1.0):
     return phase_test_signal(SR, seconds, kind)  # (samples,)
 
 
-def stream_phase(module, mag, chunk, mode=0):
+def stream_phase(module, mag, chunk, mode="rtpghi"):
     """Feed (batch, bins, frames) to a StreamingPhase in chunks; concatenated output."""
     module.reset(mag.shape[0])
     outs = [module(mag[..., i:i + chunk], mode) for i in range(0, mag.shape[-1], chunk)]
@@ -61,7 +62,7 @@ def test_streaming_rtpghi_quality(kind, n_fft, hop, lookahead):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("mode", ["rtpghi", "random"])
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_streaming_phase_chunking_invariant(lookahead, mode, batch):
     kinds = ["tone", "chirp", "mix", "tone"][:batch]
@@ -82,9 +83,9 @@ def test_streaming_phase_chunking_invariant(lookahead, mode, batch):
 def test_streaming_phase_batch_resize():
     mag = stft(torch.stack([signal("tone", 0.2)] * 4), 1024, 256).abs()
     module = StreamingPhase(1024, 256)
-    first = module(mag[:1, :, :5], 0)
-    assert module(mag[:, :, :5], 0).shape == (4, 513, 5)  # resized to batch 4 (state reset)
-    again = module(mag[:1, :, :5], 0)  # back to batch 1: reset, same as a fresh start
+    first = module(mag[:1, :, :5], "rtpghi")
+    assert module(mag[:, :, :5], "rtpghi").shape == (4, 513, 5)  # resized to batch 4 (state reset)
+    again = module(mag[:1, :, :5], "rtpghi")  # back to batch 1: reset, same as a fresh start
     assert torch.allclose(again, first, rtol=0, atol=1e-6)
 
 
@@ -126,7 +127,7 @@ def test_torchscript_modules():
         eager = StreamingPhase(1024, 256, lookahead=lookahead)
         scripted = torch.jit.script(StreamingPhase(1024, 256, lookahead=lookahead))
         assert scripted.delay_frames == eager.delay_frames
-        for mode in (0, 1):
+        for mode in ("rtpghi", "random"):
             assert torch.allclose(stream_phase(scripted, mag, 4, mode), stream_phase(eager, mag, 4, mode),
                                   rtol=0, atol=1e-6)
     audio = torch.randn(2, 16 * 256)

@@ -12,11 +12,11 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 
+import data
 import models
 import preprocess
 import script
-from conftest import run_script
-from test_export import make_run
+from helpers import make_run, run_script
 
 SR = 16000
 RATIO, N_LATENT = 2048, 16
@@ -143,7 +143,7 @@ def test_vae_export_dataset(demo_root, tmp_path):
     ratio = int(module.encode_params[3])
     assert index["format"] == 1 and index["discrete"] is False and index["quantizer"] == "normal_cdf"
     assert index["resolution"] == 64 and index["features"] == [] and index["num_secs"] == 16.0
-    assert index["model"] == {"path": str(ts.resolve()), "sha256": preprocess.file_sha256(ts),
+    assert index["model"] == {"path": str(ts.resolve()), "sha256": data.file_sha256(ts),
                               "sample_rate": SR, "ratio": ratio, "latent_dim": 8}
     audio_files = sorted(p.relative_to(demo_root / "data").as_posix() for p in (demo_root / "data").rglob("*.wav"))
     assert sorted(entries) == audio_files and len(entries) == 9
@@ -317,6 +317,7 @@ def check_error(*args, match):
     return err
 
 
+@pytest.mark.slow
 def test_clear_errors(rave_like, tmp_path):
     audio_dir, db = tmp_path / "audio", tmp_path / "db"
     write_noise(audio_dir / "a.wav", 0.2)

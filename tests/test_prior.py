@@ -8,47 +8,7 @@ import torch
 import data
 import models
 import train_prior
-from conftest import run_script
-
-TINY = ["model.dim=32", "model.layers=2", "model.heads=2", "model.ffn_dim=64", "model.context=16",
-        "model.encoder_layers=1", "model.dropout=0.0", "data.crop=24", "train.batch_size=16",
-        "train.warmup_steps=20", "train.log_every=50", "train.num_threads=2"]
-
-
-def write_latent_db(root, n_files=6, frames=300, n_streams=3, resolution=16, features=False, seed=0,
-                    ratio=64, sample_rate=16000):
-    """A dataset as preprocess.py writes it, with learnable structure: stream 0 counts up by one per
-    frame (10 % of frames jump at random), stream q repeats stream 0 shifted by 3q inside the
-    frame. With features, stream 0 steps by 1 or 5 at random (no jumps) and feature column 0 of
-    a frame says which: only a model that reads the features can predict it."""
-    rng = np.random.default_rng(seed)
-    (root / "tokens").mkdir(parents=True)
-    if features:
-        (root / "features").mkdir()
-    files = []
-    for i in range(n_files):
-        step = rng.choice([1, 5], size=frames) if features else np.ones(frames, dtype=np.int64)
-        first = np.zeros(frames, dtype=np.int64)
-        first[0] = rng.integers(resolution)
-        for t in range(1, frames):
-            first[t] = (first[t - 1] + step[t]) % resolution
-            if not features and rng.random() < 0.1:
-                first[t] = rng.integers(resolution)
-        tokens = np.stack([(first + 3 * q) % resolution for q in range(n_streams)], axis=1)
-        key = f"file_{i:03d}"
-        np.save(root / "tokens" / f"{key}.npy", tokens.astype(np.int16))
-        if features:
-            feats = np.stack([step.astype(np.float32), rng.normal(size=frames).astype(np.float32)], axis=1)
-            np.save(root / "features" / f"{key}.npy", feats)
-        files.append({"file": f"{key}.wav", "key": key, "frames": frames})
-    index = {"format": 1,
-             "model": {"path": "stub.ts", "sha256": "", "sample_rate": sample_rate, "ratio": ratio,
-                       "latent_dim": n_streams},
-             "discrete": False, "quantizer": "normal_cdf", "resolution": resolution,
-             "features": ["step", "noise"] if features else [], "num_secs": 16.0, "files": files}
-    (root / "index.json").write_text(json.dumps(index))
-    return root
-
+from helpers import TINY_PRIOR, run_script, write_latent_db
 
 @pytest.fixture(scope="module")
 def latent_db(tmp_path_factory):
@@ -175,13 +135,14 @@ def test_prior_scripts_for_torchscript():
 
 def train(db, tmp_path, *overrides, config="decoder_only"):
     return train_prior.main(["--config", config, "--db_path", str(db), "--name", "p", f"rundir={tmp_path}",
-                             *TINY, *overrides])
+                             *TINY_PRIOR, *overrides])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["decoder_only", "recurrent"])
 def test_training_brings_validation_cross_entropy_well_below_the_unigram_baseline(latent_db, tmp_path, config):
     run_dir = train(latent_db, tmp_path, "train.max_steps=300", "train.val_every=300", config=config)
-    checkpoint = models.load_checkpoint(run_dir / "best.pt")
+    checkpoint = data.load_checkpoint(run_dir / "best.pt")
     index = data.read_latent_index(latent_db)
     split = json.loads((run_dir / "split.json").read_text())
     train_set = data.LatentSequences(latent_db, index, split["train"])
@@ -194,12 +155,13 @@ def test_training_brings_validation_cross_entropy_well_below_the_unigram_baselin
     assert model.n_streams == 3 and model.resolution == 16
 
 
+@pytest.mark.slow
 def test_seq2seq_training_uses_the_conditioning_features(feature_db, tmp_path):
     """Stream 0 steps by 1 or 5 at random and only the features say which: without them no model
     does better than ln 2 / 3 streams = 0.231 nats per token; the conditioned model must."""
     run_dir = train(feature_db, tmp_path, "train.max_steps=300", "train.val_every=300", "train.lr=0.003",
                     config="encoder_decoder_continuous")
-    best = models.load_checkpoint(run_dir / "best.pt")["best_val"]
+    best = data.load_checkpoint(run_dir / "best.pt")["best_val"]
     assert best < 0.8 * np.log(2) / 3, best
     model, _ = models.load_prior(run_dir / "best.pt")
     assert model.n_features == 2 and float(model.feature_std[0]) > 0.1  # statistics stored
@@ -207,10 +169,10 @@ def test_seq2seq_training_uses_the_conditioning_features(feature_db, tmp_path):
 
 def test_resume_continues_from_the_saved_step(latent_db, tmp_path):
     run_dir = train(latent_db, tmp_path, "train.max_steps=20", "train.val_every=10")
-    assert models.load_checkpoint(run_dir / "last.pt")["step"] == 20
+    assert data.load_checkpoint(run_dir / "last.pt")["step"] == 20
     resumed = train(latent_db, tmp_path, "+resume=1", "train.max_steps=40")
     assert resumed == run_dir
-    checkpoint = models.load_checkpoint(run_dir / "last.pt")
+    checkpoint = data.load_checkpoint(run_dir / "last.pt")
     assert checkpoint["step"] == 40 and checkpoint["config"]["train"]["max_steps"] == 40
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["version_0"]
     again = train(latent_db, tmp_path, "train.max_steps=5")  # a new run never overwrites
@@ -224,6 +186,7 @@ def test_learning_rate_warms_up_then_decays():
     assert train_prior.learning_rate(1100, tc) == pytest.approx(5e-4)
 
 
+@pytest.mark.slow
 def test_pretrained_embedding_from_a_codebook_and_without_one(latent_db, tmp_path):
     class Discrete(torch.nn.Module):
         def __init__(self):
@@ -249,7 +212,7 @@ def test_pretrained_embedding_from_a_codebook_and_without_one(latent_db, tmp_pat
     ratio = table / codebook
     assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-4)  # a rescaled copy
     code, out, err = run_script("train_prior.py", "--db_path", latent_db, "--name", "p", f"rundir={tmp_path}",
-                                "--pretrained_embedding", tmp_path / "continuous.ts", *TINY, "train.max_steps=2")
+                                "--pretrained_embedding", tmp_path / "continuous.ts", *TINY_PRIOR, "train.max_steps=2")
     assert code == 0 and "no codebook" in err, err
 
 

@@ -7,7 +7,7 @@ import torch
 import data
 import models
 import train_vae
-from conftest import FAST, run_script
+from helpers import FAST, run_script
 
 
 def train(demo_root, tmp_path, *extra):
@@ -23,6 +23,7 @@ def scalars(run_dir, tag):
     return acc, [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_loss_and_writes_the_run(demo_root, tmp_path):
     run_dir = train(demo_root, tmp_path, "train.max_steps=300", "train.val_every=100")
     assert run_dir == tmp_path / "t" / "version_0"
