@@ -298,6 +298,26 @@ def load_config(name, overrides, defaults, config_dir="configs", open_sections=(
     return config
 
 
+def check_ranges(config, ranges):
+    """Numbers of a config must lie in their range, e.g. {"train.max_steps": ">= 1", "train.lr": "> 0",
+    "data.valid_fraction": "[0, 1)"}: a ConfigError naming the key otherwise. Unset (None) keys pass."""
+    for key, rule in ranges.items():
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None or isinstance(value, bool):
+            continue
+        if rule.startswith(">="):
+            ok = value >= float(rule[2:])
+        elif rule.startswith(">"):
+            ok = value > float(rule[1:])
+        else:  # "[low, high]" or "[low, high)"
+            low, high = (float(v) for v in rule[1:-1].split(","))
+            ok = low <= value and (value <= high if rule.endswith("]") else value < high)
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {rule}, got {value!r}")
+
+
 def spellings(flag):
     """A multi-word flag in both spellings, underscore first (MSPrior's --db_path style), e.g.
     spellings("--crepe_step") -> ("--crepe_step", "--crepe-step"): every script accepts both."""
@@ -604,50 +624,60 @@ def parse_value(text, value_type, where, class_ids=None):
                         (" nor a class name of classes.txt" if class_ids else ""))
 
 
+def text_lines(path, what):
+    """The (line number, line) pairs of a metadata text file worth reading: blank and # lines left
+    out, line ends stripped, a UTF-8 byte-order mark (Windows editors) ignored. A file that cannot
+    be read or is not UTF-8 is a MetadataError naming the file and line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise MetadataError(f"{path}: cannot read {what} ({e.strerror})") from None
+    lines = []
+    for lineno, chunk in enumerate(raw.splitlines(), 1):
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MetadataError(f"{path}:{lineno}: not UTF-8 text (save the {what} as UTF-8)") from None
+        line = line.lstrip("\ufeff") if lineno == 1 else line
+        if line.strip() and not line.lstrip().startswith("#"):
+            lines.append((lineno, line.rstrip("\r\n")))
+    return lines
+
+
 def read_classes(path):
     """classes.txt ('id<TAB>name' lines) -> {id: name}."""
     classes = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) < 2:
-                parts = line.split(None, 1)
-            if len(parts) < 2:
-                raise MetadataError(f"{path}:{lineno}: expected 'id<TAB>name', got {line.strip()!r}")
-            try:
-                cid = int(parts[0])
-            except ValueError:
-                raise MetadataError(f"{path}:{lineno}: class id '{parts[0]}' is not an int") from None
-            if cid in classes:
-                raise MetadataError(f"{path}:{lineno}: class id {cid} appears twice")
-            classes[cid] = parts[1].strip()
+    for lineno, line in text_lines(path, "classes file"):
+        parts = line.split("\t")
+        if len(parts) < 2:
+            parts = line.split(None, 1)
+        if len(parts) < 2:
+            raise MetadataError(f"{path}:{lineno}: expected 'id<TAB>name', got {line.strip()!r}")
+        try:
+            cid = int(parts[0])
+        except ValueError:
+            raise MetadataError(f"{path}:{lineno}: class id '{parts[0]}' is not an int") from None
+        if cid in classes:
+            raise MetadataError(f"{path}:{lineno}: class id {cid} appears twice")
+        classes[cid] = parts[1].strip()
     return classes
 
 
 def read_track(path, value_type, class_ids=None):
     """A track file ('onset,offset<TAB>value' lines) -> list of (onset, offset, value)."""
     segments = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise MetadataError(f"{path}: cannot read track file ({e.strerror})") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            where = f"{path}:{lineno}"
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != 2 or "," not in parts[0]:
-                raise MetadataError(f"{where}: expected 'onset,offset<TAB>value', got {line.strip()!r}")
-            try:
-                onset, offset = (float(t) for t in parts[0].split(","))
-            except ValueError:
-                raise MetadataError(f"{where}: onset/offset '{parts[0]}' are not numbers") from None
-            if not (0 <= onset <= offset):
-                raise MetadataError(f"{where}: need 0 <= onset <= offset, got {onset},{offset}")
-            segments.append((onset, offset, parse_value(parts[1], value_type, where, class_ids)))
+    for lineno, line in text_lines(path, "track file"):
+        where = f"{path}:{lineno}"
+        parts = line.split("\t")
+        if len(parts) != 2 or "," not in parts[0]:
+            raise MetadataError(f"{where}: expected 'onset,offset<TAB>value', got {line.strip()!r}")
+        try:
+            onset, offset = (float(t) for t in parts[0].split(","))
+        except ValueError:
+            raise MetadataError(f"{where}: onset/offset '{parts[0]}' are not numbers") from None
+        if not (0 <= onset <= offset):
+            raise MetadataError(f"{where}: need 0 <= onset <= offset, got {onset},{offset}")
+        segments.append((onset, offset, parse_value(parts[1], value_type, where, class_ids)))
     return segments
 
 
@@ -683,14 +713,15 @@ def read_metadata(root, task, callback="read_single_metadata", value_type="int",
             fail(str(e))
     class_ids = {name: cid for cid, name in classes.items()} if classes else None
     labels = {}
-    with open(meta_path, encoding="utf-8") as f:
-        lines = list(enumerate(f, 1))
+    try:
+        lines = text_lines(meta_path, "metadata file")
+    except MetadataError as e:
+        fail(str(e))
+        return {}, classes
     for lineno, line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
         where = f"{meta_path}:{lineno}"
         try:
-            parts = line.rstrip("\r\n").split("\t")
+            parts = line.split("\t")
             if len(parts) != 2 or not parts[0].strip():
                 raise MetadataError(f"{where}: expected 'data/path/to/file.wav<TAB>value', got {line.strip()!r}")
             key, field = parts[0].strip(), parts[1].strip()
@@ -1178,3 +1209,4 @@ def replicas_in_sync(model):
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     return bool(torch.equal(low, high))
+

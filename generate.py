@@ -9,6 +9,8 @@ checkpoint file. `reconstruct` writes out/reconstructions/<relative path>.wav; `
 writes out/trajectories/<type>_<i>.wav and the latent path as <type>_<i>.npy. `prior` runs a
 prior run (train_prior.py) exactly as its nn~ export does (listen to the --prime file's latents,
 then generate) and writes out/prior/<i>.wav, decoded by the --model .ts, and the latents <i>.npy.
+Files an earlier run wrote are never replaced without --force. An unreadable file, or one shorter
+than one window, is reported and skipped; the others are still done.
 
 Conditioning labels: --label TASK=VALUE (a class id or a name from classes.txt) fixes a label;
 otherwise a task with a predictor takes the predictor's guess frame by frame, and a task without
@@ -38,6 +40,7 @@ def parse_args(argv):
     run_args.add_argument("run", help="run folder (rundir/name), version folder or checkpoint file")
     data.add_checkpoint_arguments(run_args)
     data.add_out_argument(run_args, "generations")
+    run_args.add_argument("--force", action="store_true", help="replace files an earlier run wrote in --out")
     run_args.add_argument("--seed", type=int, default=0)
     common = argparse.ArgumentParser(add_help=False, parents=[run_args])
     common.add_argument("--sr", type=int, help="sample rate of the written files (default: the model's)")
@@ -163,24 +166,33 @@ def output_names(inputs):
     return pairs
 
 
+def refuse_overwrite(paths, force):
+    """Nothing an earlier run wrote is replaced without --force: checked before anything is written."""
+    existing = [p for p in paths if Path(p).exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} already exists{more}: pass --force to replace, or choose another --out")
+
+
 @torch.no_grad()
 def reconstruct(model, config, args, fixed):
     t = config["data"]["transform"]
     out_dir = Path(args.out) / "reconstructions"
     failed, written = [], 0
     pairs = output_names(args.files)
+    refuse_overwrite([out_dir / rel for _, rel in pairs if rel is not None], args.force)
     for path, rel in tqdm(pairs, desc="reconstruct", unit="file", disable=len(pairs) < 2):
         if rel is None:
             print(f"warning: {path}: no such file or folder", file=sys.stderr)
             failed.append(path)
             continue
         try:
-            audio = data.load_audio(path, t["sr"])
-        except UserError as e:
+            mag = torch.from_numpy(data.file_magnitude(path, t))  # (frames, bins), as training reads files
+        except UserError as e:  # unreadable, empty, shorter than one window
             print(f"warning: skipping {e}", file=sys.stderr)
             failed.append(path)
             continue
-        x = model.normalize(data.magnitude(audio, t["n_fft"], t["hop"]).t())  # (frames, bins)
+        x = model.normalize(mag)  # (frames, bins)
         enc_labels = {k: torch.full((x.shape[0],), v, dtype=torch.long) for k, v in fixed.items()}
         mean, logvar = model.encode(x, enc_labels)
         z = mean + args.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -223,6 +235,7 @@ def trajectories(model, config, args, fixed):
     out_dir = Path(args.out) / "trajectories"
     generator = torch.Generator().manual_seed(args.seed)
     jobs = [(kind, i) for kind in args.trajectories for i in range(args.batches)]
+    refuse_overwrite([out_dir / f"{kind}_{i}.{ext}" for kind, i in jobs for ext in ("wav", "npy")], args.force)
     for kind, i in tqdm(jobs, desc="trajectories", unit="file", disable=len(jobs) < 2):
         z = trajectory(kind, args.steps, model.latent_dim, generator)  # (steps, latent)
         x_hat = model.decode(z, decoder_labels(model, z, fixed))
@@ -234,6 +247,8 @@ def trajectories(model, config, args, fixed):
 @torch.no_grad()
 def prior_generation(args):
     """Listen to the primer's latents, generate, decode: the exported prior's own code, run offline."""
+    out_dir = Path(args.out) / "prior"
+    refuse_overwrite([out_dir / f"{i}.{ext}" for i in range(args.batches) for ext in ("wav", "npy")], args.force)
     _, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
     prior, checkpoint = models.load_prior(checkpoint_path)
     dataset = checkpoint["dataset"]
@@ -259,7 +274,6 @@ def prior_generation(args):
     else:
         latents_in = latents
     audio = model.decode(latents_in)  # (batch, 1, frames · ratio)
-    out_dir = Path(args.out) / "prior"
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(args.batches):
         data.save_audio(out_dir / f"{i}.wav", audio[i, 0], sr)

@@ -346,7 +346,9 @@ class SpectralVAE(nn.Module):
         return (torch.log1p(mag) - self.norm_offset) / self.norm_scale
 
     def denormalize(self, x):
-        return torch.expm1((x * self.norm_scale + self.norm_offset).clamp(min=0.0))
+        """The model's domain -> linear magnitude. x is capped at 2 (the training set spans [0, 1]):
+        whatever a decoder outputs, the magnitude stays finite."""
+        return torch.expm1((x.clamp(max=2.0) * self.norm_scale + self.norm_offset).clamp(min=0.0))
 
     def embed(self, tasks, labels, batch, device):
         """Concatenated label embeddings of `tasks`: (batch, sum of dims)."""
@@ -1141,7 +1143,8 @@ class StreamingPhase(nn.Module):
         n_frames = mag.size(2)
         if batch != self.prev_phase.size(0):
             self.reset(batch)
-        frames = mag.float().transpose(1, 2).contiguous()  # (batch, n_frames, bins)
+        # NaN / inf magnitudes would poison the phase state of every later frame: read them as 0
+        frames = torch.nan_to_num(mag.float(), nan=0.0, posinf=0.0, neginf=0.0).transpose(1, 2).contiguous()
         logmag = torch.log(frames.clamp_min(1e-10))  # (batch, n_frames, bins)
         ds_dn: Optional[torch.Tensor] = None
         if self.lookahead:

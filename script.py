@@ -34,6 +34,11 @@ import models
 from data import UserError
 
 PHASE_MODES = ["keep_input", "rtpghi", "random"]  # keep_input: the analysed input's phase (forward only)
+# Live safety: audio and latent inputs are read with NaN and ±inf as 0 and clamped to ±LIVE_LIMIT, so one bad
+# value upstream never enters the streaming state (it would silence every later buffer), and the
+# methods never raise (in nn~ an exception can crash the host): a wrong input is answered with one
+# printed line and silence of the shape nn~ expects.
+LIVE_LIMIT = 1e4
 # The export's RTPGHI is causal (delay 0): the one-frame look-ahead version measured only 0.1 dB
 # better on the tone+chirp of tests/benchmark.py and 0.5 dB (1024/256) to 2.5 dB (2048/512) better
 # on the demo notes (-36 / -32 dB causal): not worth a hop of extra latency.
@@ -74,6 +79,7 @@ class NnSpectralVAE(nn.Module):
         self.sample_rate, self.n_fft, self.hop = int(sr), int(n_fft), int(hop)
         self.bins, self.latent_dim = n_fft // 2 + 1, vae.latent_dim
         self.vae = vae  # its normalisation, encoder and decoder; the label modules are listed below
+        self.live_limit = LIVE_LIMIT
         tasks = list(vae.task_dims)  # every conditioning task, config order: forward's label inputs
         pred_tasks = list(vae.predictors)
         self.encoder_embeddings = nn.ModuleList([vae.embeddings[t] for t in vae.encoder_tasks])
@@ -155,8 +161,9 @@ class NnSpectralVAE(nn.Module):
 
     @torch.jit.export
     def set_sample_rate(self, sample_rate: int) -> int:
-        """0 if the host runs at the model's rate; else a message and 1 (the model would be detuned)."""
-        if sample_rate == self.sample_rate:
+        """0 if the host runs at the model's rate (or says none: nn~ 1.6 passes 0 on a reload); else a
+        message and 1 (the model would be detuned)."""
+        if sample_rate == self.sample_rate or sample_rate <= 0:
             return 0
         print("nn~ model: trained at", self.sample_rate, "Hz but the host runs at", sample_rate,
               "Hz: set the audio sample rate to", self.sample_rate, "Hz (pitch and timing would be wrong)")
@@ -212,11 +219,27 @@ class NnSpectralVAE(nn.Module):
         return 0
 
     # ---- frame-level helpers -----------------------------------------------------------------
-    def _check_audio(self, x: torch.Tensor, n_inputs: int, method: str):
+    def _usable(self, x: torch.Tensor, n_inputs: int, in_ratio: int, method: str) -> bool:
+        """True when x is (batch, n_inputs, k·hop / in_ratio) with k >= 1; else one printed line."""
         if x.dim() != 3 or x.size(1) != n_inputs:
-            raise ValueError(method + ": expected input (batch, " + str(n_inputs) + " channels, time)")
-        if x.size(2) % self.hop != 0 or x.size(2) == 0:
-            raise ValueError(method + ": the buffer size must be a multiple of " + str(self.hop))
+            print("nn~ model:", method, "expects (batch,", n_inputs, "channels, time), got", x.shape)
+            return False
+        if x.size(2) == 0 or (x.size(2) * in_ratio) % self.hop != 0:
+            print("nn~ model:", method, "needs a buffer size that is a multiple of", self.hop, "samples, got",
+                  x.size(2) * in_ratio)
+            return False
+        return True
+
+    def _silence(self, x: torch.Tensor, n_outputs: int, in_ratio: int, out_ratio: int) -> torch.Tensor:
+        """What a method answers to an input it cannot use: zeros (batch, n_outputs, length · in / out)."""
+        batch = x.size(0) if x.dim() == 3 else 1
+        length = x.size(-1) * in_ratio // out_ratio if x.dim() == 3 else 0
+        return torch.zeros(batch, n_outputs, length)
+
+    def _sanitize(self, signal: torch.Tensor) -> torch.Tensor:
+        """Audio or latents as the model may use them: NaN and ±inf -> 0, clamped to ±LIVE_LIMIT."""
+        return torch.nan_to_num(signal.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-self.live_limit,
+                                                                                      self.live_limit)
 
     def _decimate(self, signals: torch.Tensor) -> torch.Tensor:
         """Full-rate signals (batch, n, k·hop) -> their last sample in each hop block (batch, n, k)."""
@@ -285,10 +308,11 @@ class NnSpectralVAE(nn.Module):
     @torch.jit.export
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1 + encoder labels, k·hop) -> (batch, latent + predictions, k)."""
-        self._check_audio(x, 1 + self.n_encoder_labels, "encode")
+        if not self._usable(x, 1 + self.n_encoder_labels, 1, "encode"):
+            return self._silence(x, self.latent_dim + self.n_predictions, 1, self.hop)
         x = x.float()
         batch = x.size(0)
-        spec = self.encode_stft(x[:, 0])  # (batch, bins, k)
+        spec = self.encode_stft(self._sanitize(x[:, 0]))  # (batch, bins, k)
         # encode's label inputs are the encoder tasks only: map them to forward's layout
         labels = torch.full((batch * spec.size(2), self.n_labels), -1.0)
         if self.n_encoder_labels > 0:
@@ -302,13 +326,12 @@ class NnSpectralVAE(nn.Module):
     @torch.jit.export
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, latent + decoder labels, k) -> audio (batch, 1, k·hop). keep_input falls back to rtpghi."""
-        if x.dim() != 3 or x.size(1) != self.latent_dim + self.n_decoder_labels or x.size(2) == 0:
-            raise ValueError("decode: expected input (batch, " + str(self.latent_dim + self.n_decoder_labels)
-                             + " channels, time)")
+        if not self._usable(x, self.latent_dim + self.n_decoder_labels, self.hop, "decode"):
+            return self._silence(x, 1, self.hop, 1)
         x = x.float()
         batch = x.size(0)
         rows = self._frames(x)  # (rows, latent + decoder labels)
-        z = rows[:, :self.latent_dim]
+        z = self._sanitize(rows[:, :self.latent_dim])
         # decoder labels sit right after the latent, in decoder-task order
         labels = torch.full((rows.size(0), self.n_labels), -1.0)
         for i in range(self.n_decoder_labels):
@@ -322,14 +345,15 @@ class NnSpectralVAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, 1 + labels, k·hop) -> (batch, 1 + predictions, k·hop): audio, then predicted classes."""
-        self._check_audio(x, 1 + self.n_labels, "forward")
+        if not self._usable(x, 1 + self.n_labels, 1, "forward"):
+            return self._silence(x, 1 + self.n_predictions, 1, 1)
         x = x.float()
         batch = x.size(0)
-        spec = self.forward_stft(x[:, 0])  # (batch, bins, k)
+        spec = self.forward_stft(self._sanitize(x[:, 0]))  # (batch, bins, k)
         labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_labels)
         z = self._latent(spec, labels)  # (rows, latent)
         predicted = self._predict(z)  # (rows, predictions)
-        z = z * self.latent_scale + self.latent_bias
+        z = self._sanitize(z * self.latent_scale + self.latent_bias)
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
         if self.phase_mode == "keep_input":
             out_spec = torch.polar(mag, torch.angle(spec))
@@ -340,6 +364,23 @@ class NnSpectralVAE(nn.Module):
             return audio
         held = self._unframe(predicted.float(), batch).repeat_interleave(self.hop, dim=2)
         return torch.cat([audio, held], dim=1)
+
+
+def parse_switch(value: str) -> int:
+    """An on/off attribute as nn~ sends it -> 1 (on), 0 (off) or -1 (not a switch). Pd sends numbers
+    as text ("1.000000"); the words true/false, on/off, yes/no work in any case."""
+    word = value.strip().lower()
+    if word in ["true", "on", "yes"]:
+        return 1
+    if word in ["false", "off", "no"]:
+        return 0
+    digits = word[1:] if word.startswith("-") or word.startswith("+") else word
+    if len(digits) == 0 or digits.count(".") > 1 or len(digits.replace(".", "")) == 0:
+        return -1
+    for c in digits:  # a plain decimal number (what nn~ sends for a Pd number: "%f")
+        if c not in "0123456789.":
+            return -1
+    return 1 if float(digits) != 0.0 else 0
 
 
 def _share_constant_buffers(modules):
@@ -364,6 +405,10 @@ class NnPrior(nn.Module):
     then perplexity. Attributes: temperature (float >= 0), listen (true: the input passes through and
     fills the context; false: the prior generates) and reset (one-shot: the context is cleared at the
     next buffer). The quantizer and resolution are the dataset's, stored in the run.
+
+    listen and reset are string attributes parsed here: nn~ 1.6 reads a bool attribute as false only
+    for the word `false` (`set listen 0` arrives as "0.000000" and reads true), so a musician's
+    1/0, true/false, on/off and yes/no all work (see parse_switch).
     """
 
     attributes: List[str]
@@ -376,6 +421,7 @@ class NnPrior(nn.Module):
         if not data.is_power_of_two(ratio):
             raise UserError(f"latent ratio {ratio} is not a power of two: nn~ cannot play it")
         self.stream = models.StreamingPrior(prior, discrete=dataset["quantizer"] == "none")
+        self.live_limit = LIVE_LIMIT
         self.n_streams, self.resolution, self.n_features = prior.n_streams, prior.resolution, prior.n_features
         self.ratio, self.sample_rate = ratio, int(dataset["model"]["sample_rate"])
 
@@ -390,8 +436,8 @@ class NnPrior(nn.Module):
         self.listen = False
         self.reset = False
         self.register_buffer("temperature_params", torch.tensor([2]))
-        self.register_buffer("listen_params", torch.tensor([0]))
-        self.register_buffer("reset_params", torch.tensor([0]))
+        self.register_buffer("listen_params", torch.tensor([3]))  # str: see the class docstring
+        self.register_buffer("reset_params", torch.tensor([3]))
 
     # ---- nn~ introspection and attributes ----------------------------------------------------
     @torch.jit.export
@@ -408,7 +454,7 @@ class NnPrior(nn.Module):
 
     @torch.jit.export
     def set_sample_rate(self, sample_rate: int) -> int:
-        if sample_rate == self.sample_rate:
+        if sample_rate == self.sample_rate or sample_rate <= 0:  # nn~ 1.6 passes 0 on a reload
             return 0
         print("nn~ prior: its latent model runs at", self.sample_rate, "Hz but the host runs at", sample_rate, "Hz")
         return 1
@@ -426,30 +472,38 @@ class NnPrior(nn.Module):
         return 0
 
     @torch.jit.export
-    def get_listen(self) -> List[bool]:
-        return [self.listen]
+    def get_listen(self) -> List[str]:
+        return ["true" if self.listen else "false"]
 
     @torch.jit.export
-    def set_listen(self, value: bool) -> int:
-        self.listen = value
+    def set_listen(self, value: str) -> int:
+        switch = parse_switch(value)
+        if switch < 0:
+            print("nn~ prior: listen must be 1 or 0 (true/false, on/off), got", value)
+            return 1
+        self.listen = switch == 1
         return 0
 
     @torch.jit.export
-    def get_reset(self) -> List[bool]:
-        return [self.reset]
+    def get_reset(self) -> List[str]:
+        return ["true" if self.reset else "false"]
 
     @torch.jit.export
-    def set_reset(self, value: bool) -> int:
+    def set_reset(self, value: str) -> int:
         """One-shot: the context is cleared at the next buffer, then reset reads false again."""
-        self.reset = value
+        switch = parse_switch(value)
+        if switch < 0:
+            print("nn~ prior: reset must be 1 or 0 (true/false, on/off), got", value)
+            return 1
+        self.reset = switch == 1
         return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, Q [+ features], k) -> (batch, Q + 1, k): latents, then perplexity."""
         if x.dim() != 3 or x.size(1) != self.n_streams + self.n_features or x.size(2) == 0:
-            raise ValueError("prior: expected input (batch, " + str(self.n_streams + self.n_features)
-                             + " channels, frames)")
-        x = x.float()
+            print("nn~ prior: expects (batch,", self.n_streams + self.n_features, "channels, frames), got", x.shape)
+            return torch.zeros(x.size(0) if x.dim() == 3 else 1, self.n_streams + 1, x.size(-1) if x.dim() == 3 else 0)
+        x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(-self.live_limit, self.live_limit)
         if self.reset:
             self.stream.reset(x.size(0))
             self.reset = False
@@ -522,19 +576,19 @@ class NnModelWithPrior(nn.Module):
         return self.prior_module.set_temperature(value)
 
     @torch.jit.export
-    def get_listen(self) -> List[bool]:
+    def get_listen(self) -> List[str]:
         return self.prior_module.get_listen()
 
     @torch.jit.export
-    def set_listen(self, value: bool) -> int:
+    def set_listen(self, value: str) -> int:
         return self.prior_module.set_listen(value)
 
     @torch.jit.export
-    def get_reset(self) -> List[bool]:
+    def get_reset(self) -> List[str]:
         return self.prior_module.get_reset()
 
     @torch.jit.export
-    def set_reset(self, value: bool) -> int:
+    def set_reset(self, value: str) -> int:
         return self.prior_module.set_reset(value)
 
     @torch.jit.export

@@ -78,20 +78,24 @@ DEFAULTS = {
 }
 
 
+RANGES = {  # numbers out of these ranges are refused, naming the key (data.check_ranges)
+    "data.valid_fraction": "[0, 1)", "data.crop": ">= 1", "model.dim": ">= 1", "model.layers": ">= 1",
+    "model.heads": ">= 1", "model.ffn_dim": ">= 1", "model.context": ">= 1", "model.dropout": "[0, 1)",
+    "model.encoder_layers": ">= 1", "train.batch_size": ">= 1", "train.lr": ">= 0", "train.weight_decay": ">= 0",
+    "train.warmup_steps": ">= 0", "train.warmup_start": "[0, 1]", "train.decay_half_life": "> 0",
+    "train.max_steps": ">= 1", "train.grad_clip": ">= 0", "train.num_threads": ">= 1", "train.log_every": ">= 1",
+    "train.val_every": ">= 1", "train.patience": ">= 0", "train.top_k": ">= 1"}
+
+
 def check_model_config(config, index):
     m = config["model"]
     if m["backbone"] not in ("transformer", "gru", "seq2seq"):
         raise ConfigError(f"model.backbone must be transformer, gru or seq2seq, got {m['backbone']!r}")
-    for key in ("dim", "layers", "heads", "context"):
-        if not isinstance(m[key], int) or m[key] < 1:
-            raise ConfigError(f"model.{key} must be a positive int, got {m[key]!r}")
     if m["backbone"] != "gru" and m["dim"] % m["heads"]:
         raise ConfigError(f"model.dim ({m['dim']}) must be a multiple of model.heads ({m['heads']})")
     if m["backbone"] == "seq2seq" and not index.get("features"):
         raise ConfigError(f"model.backbone=seq2seq needs conditioning features, and {config['data']['db_path']} "
                           "has none: preprocess with --features loudness,f0 into a new --out")
-    if config["data"]["crop"] < 1:
-        raise ConfigError("data.crop must be >= 1")
 
 
 def parse_args(argv):
@@ -186,6 +190,7 @@ def main(argv=None):
 
     # ---- run folder: a new version, or the one we resume (its saved config, train.* overrides) --
     config, resume_dir = data.resume_config(config, args.overrides)
+    data.check_ranges(config, RANGES)
     if resume_dir is not None:
         print0(f"resuming {resume_dir}")
     tc = config["train"]

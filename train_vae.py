@@ -77,6 +77,13 @@ DEFAULTS = {
     },
 }
 OPEN_SECTIONS = ("data.dataset.metadata_callbacks", "model.conditioning", "model.prediction")
+RANGES = {  # numbers out of these ranges are refused, naming the key (data.check_ranges)
+    "data.transform.sr": ">= 1", "data.dataset.n_files": ">= 1", "data.valid_fraction": "[0, 1)",
+    "data.augment.roll_p": "[0, 1]", "data.augment.gain_std": ">= 0", "model.latent_dim": ">= 1",
+    "train.batch_size": ">= 1", "train.lr": ">= 0", "train.max_epochs": ">= 1", "train.max_steps": ">= 1",
+    "train.num_threads": ">= 1", "train.beta": ">= 0", "train.beta_warmup_steps": ">= 0",
+    "train.free_bits": ">= 0", "train.log_magnitude_weight": ">= 0", "train.predictor_weight": ">= 0",
+    "train.log_every": ">= 1", "train.val_every": ">= 1", "train.patience": ">= 0"}
 
 
 def check_tasks(config):
@@ -293,6 +300,7 @@ def main(argv=None):
 
     # ---- run folder: a new version, or the one we resume (its saved config, train.* overrides) --
     config, resume_dir = data.resume_config(config, args.overrides)
+    data.check_ranges(config, RANGES)
     if resume_dir is not None:
         print0(f"resuming {resume_dir}")
     tc = config["train"]

@@ -513,7 +513,7 @@ def bench_prior(results, workdir=None, threads=1):
             train_fps, steps = _prior_train_frames_per_s(config, kwargs, warmup, max_steps, budget_s)
             module, prior, n_params, _ = _scripted_prior(kwargs, dataset)
             calls = PRIOR_GENERATE_CALLS.get(name, 100)
-            module.set_listen(False)  # generate: each call predicts one frame from the ones before it
+            module.set_listen("false")  # generate: each call predicts one frame from the ones before it
             seconds = _seconds_per_call(module, "forward", _prior_inputs(kwargs, 1), repeats=3, calls=calls,
                                         warmup=prior.context + 1)  # past the context: the window is full
             x_realtime = 1.0 / seconds / frame_rate
@@ -562,9 +562,9 @@ def bench_prior_export(results, workdir=None, buffer=4096, threads=1):
                          f".ts {size / 1e6:.1f} MB")
             inputs = _prior_inputs(kwargs, frames, n=16)
             large = name == "decoder_only_large"
-            for mode, listen in (("generate", False), ("listen", True)):
+            for mode, listen in (("generate", "false"), ("listen", "true")):
                 module.set_listen(listen)
-                module.set_reset(True)  # a fresh context, then past it before timing: the window is full
+                module.set_reset("true")  # a fresh context, then past it before timing: the window is full
                 seconds = _seconds_per_call(module, "forward", inputs, repeats=3 if large else 5,
                                             calls=10 if large else 40, warmup=prior.context // frames + 1)
                 rtf = buffer / lat["sample_rate"] / seconds

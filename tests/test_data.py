@@ -191,3 +191,28 @@ def test_new_version_dirs_never_overwrite(tmp_path):
     assert data.find_run_version(tmp_path / "run", 0) == a
     with pytest.raises(data.UserError, match="version_5"):
         data.find_run_version(tmp_path / "run", 5)
+
+
+def test_metadata_with_a_byte_order_mark_or_windows_line_ends_reads_as_usual(tmp_path):
+    root = make_dataset(tmp_path)
+    task_dir = write_task(root, "pitch", [], classes={0: "C", 1: "D"}, tracks={"tracks/b.txt": ""})
+    (task_dir / "metadata.txt").write_bytes("\ufeffdata/a.wav\t1\r\ndata/sub/b.wav\tnone\r\n".encode("utf-8"))
+    (task_dir / "classes.txt").write_bytes("\ufeff0\tC\r\n1\tD\r\n".encode("utf-8"))
+    (task_dir / "tracks" / "b.txt").write_bytes("\ufeff0.0,0.2\tD\r\n".encode("utf-8"))
+    labels, classes = data.read_metadata(root, "pitch")
+    assert classes == {0: "C", 1: "D"}
+    assert labels == {"data/a.wav": 1, "data/sub/b.wav": None}
+    assert data.read_track(task_dir / "tracks" / "b.txt", "int", {"C": 0, "D": 1}) == [(0.0, 0.2, 1)]
+
+
+@pytest.mark.parametrize("name", ["metadata.txt", "classes.txt", "tracks/b.txt"])
+def test_metadata_that_is_not_utf8_names_the_file_and_line(tmp_path, name):
+    root = make_dataset(tmp_path)
+    task_dir = write_task(root, "pitch", ["data/a.wav\ttracks/a.txt", "data/sub/b.wav\ttracks/b.txt"],
+                          classes={0: "C", 1: "D"}, tracks={"tracks/a.txt": "0.0,0.1\t0\n",
+                                                            "tracks/b.txt": "0.0,0.2\t1\n"})
+    text = (task_dir / name).read_bytes()
+    (task_dir / name).write_bytes(text + "# r\xe9sum\xe9\n".encode("latin-1"))  # one Latin-1 line at the end
+    lineno = len(text.splitlines()) + 1
+    with pytest.raises(data.MetadataError, match=rf"{name}:{lineno}: not UTF-8"):
+        data.read_metadata(root, "pitch", "read_multi_metadata")

@@ -108,6 +108,7 @@ def test_attributes_and_sample_rate(trained):
     assert model.set_latent_bias(float("inf")) != 0 and model.get_latent_bias() == [0.0]
     assert model.set_sample_rate(SR) == 0
     assert model.set_sample_rate(44100) != 0  # refused with a message, never silent garbage
+    assert model.set_sample_rate(0) == 0  # "unknown": what nn~ 1.6 passes on a [reload(
 
 
 # ---- streaming at every buffer size and batch --------------------------------------------------
@@ -148,6 +149,49 @@ def test_phase_modes_stream_and_chain(labelled, phase_mode):
     chained = host.stream("decode", torch.cat([latents, labels], 1), 2048)
     assert torch.allclose(chained, whole[:, :1], rtol=0, atol=1e-5)
     assert not torch.allclose(whole[:, :1], NnHost(path).perform("forward", x)[:, :1], atol=1e-3)  # ≠ keep_input
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("method, phase_mode", [("forward", "keep_input"), ("forward", "rtpghi"),
+                                                ("forward", "random"), ("encode", "keep_input"),
+                                                ("decode", "rtpghi"), ("decode", "random")])
+def test_one_bad_value_upstream_never_silences_a_method(labelled, method, phase_mode, bad):
+    """A live model never dies: one NaN, inf or absurd sample in a buffer (audio, or one latent into
+    decode) and every output buffer stays finite and bounded, that one included; the next clean
+    buffers play as usual. (Before, rtpghi kept a NaN phase forever.)"""
+    path, _ = labelled
+    host = NnHost(path, phase_mode)
+    batch, buffer = 2, 1024
+    audio, labels = tones(batch), label_signals(batch, [1, -1, 3])
+    if method == "decode":  # latents of the clean audio, as an encode upstream would send them
+        x = torch.cat([NnHost(path).stream("encode", torch.cat([audio, labels[:, :1]], 1), buffer)[:, :LATENT],
+                       labels], 1)
+    else:
+        x = torch.cat([audio, labels if method == "forward" else labels[:, :1]], 1)
+    clean = NnHost(path, phase_mode).stream(method, x, buffer)
+    x = x.clone()
+    x[0, 0, 5 * buffer + 77:5 * buffer + 77 + HOP] = bad  # one hop of bad values in buffer 5 of voice 0
+    outputs = [host.perform(method, x[..., i:i + buffer], finite=False) for i in range(0, N_SAMPLES, buffer)]
+    for i, out in enumerate(outputs):
+        assert torch.isfinite(out).all(), f"buffer {i} after a bad value in buffer 5"
+        if method != "encode":
+            assert out[:, 0].abs().max() < 100, f"buffer {i}: {out[:, 0].abs().max()}"
+    assert torch.equal(torch.cat(outputs, -1)[1], clean[1])  # the other voice never noticed
+
+
+def test_a_wrong_input_is_answered_with_one_line_and_silence_not_an_exception(labelled, capfd):
+    """nn~ never calls a method with a wrong shape, but Python users may: one printed line and zeros
+    of the shape nn~ would expect, never a TorchScript traceback (an exception inside nn~'s thread
+    can crash the host)."""
+    path, _ = labelled
+    host = NnHost(path)
+    out = host.model.forward(torch.zeros(1, 4, 1000))  # 1000 is not a multiple of the hop (64)
+    assert out.shape == (1, 2, 1000) and not out.any()
+    assert "multiple of 64" in capfd.readouterr().out
+    out = host.model.decode(torch.zeros(4, 3, 8))  # 3 channels where decode takes 8 latents + 3 labels
+    assert out.shape == (4, 1, 8 * HOP) and not out.any()
+    assert "decode expects (batch, 11 channels" in capfd.readouterr().out
+    assert host.model.encode(torch.zeros(2, 2, 256)).shape == (2, LATENT + 1, 4)  # still plays afterwards
 
 
 def test_batch_entries_are_independent_and_batch_size_can_change(labelled):

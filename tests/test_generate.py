@@ -6,6 +6,7 @@ import pytest
 import soundfile as sf
 
 import generate
+from data import UserError
 import train_vae
 from helpers import FAST, run_script
 
@@ -95,3 +96,30 @@ def test_decoder_task_without_predictor_needs_a_label(demo_root, tmp_path):
     generate.main(["trajectories", str(run), "--label", "pitch=0", "--label", "octave=3", "-s", "8",
                    "--out", str(tmp_path), "--phase", "random"])
     assert (tmp_path / "trajectories/line_0.wav").exists()
+
+
+def test_reconstruct_skips_a_file_shorter_than_one_window_and_does_the_others(run_dir, demo_root, tmp_path):
+    """Before, a folder whose first file was shorter than n_fft stopped on a torch.stft traceback."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "a_short.wav", np.zeros(100, dtype=np.float32), 16000)  # < n_fft (256)
+    shutil.copy(demo_root / "data" / "bright" / "note_01.wav", folder / "b.wav")
+    code, out, err = run_script("generate.py", "reconstruct", run_dir, "--files", folder, "--out", tmp_path / "out")
+    assert code == 0 and "a_short.wav: shorter than one window" in err and "Traceback" not in err, err
+    assert (tmp_path / "out" / "reconstructions" / "in" / "b.wav").exists()
+
+
+def test_nothing_an_earlier_run_wrote_is_replaced_without_force(run_dir, demo_root, tmp_path):
+    note = demo_root / "data" / "bright" / "note_01.wav"
+    args = ["reconstruct", str(run_dir), "--files", str(note), "--out", str(tmp_path)]
+    generate.main(args)
+    target = tmp_path / "reconstructions" / "note_01.wav"
+    first = target.stat().st_mtime_ns
+    with pytest.raises(UserError, match="note_01.wav already exists: pass --force"):
+        generate.main(args)
+    assert target.stat().st_mtime_ns == first
+    generate.main(args + ["--force"])
+    traj = ["trajectories", str(run_dir), "-s", "8", "--out", str(tmp_path)]
+    generate.main(traj)
+    with pytest.raises(UserError, match="line_0.wav already exists .and 1 more."):
+        generate.main(traj)

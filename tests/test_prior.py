@@ -222,6 +222,8 @@ def test_pretrained_embedding_from_a_codebook_and_without_one(latent_db, tmp_pat
     (["--db_path", "{db}", "--config", "encoder_decoder_continuous"], "needs conditioning features"),
     (["--db_path", "{db}", "data.crop=100000"], "fewer than one crop"),
     (["--db_path", "{db}", "--config", "nope"], "config 'nope' not found"),
+    (["--db_path", "{db}", "train.max_steps=-5"], "config key 'train.max_steps' must be >= 1, got -5"),
+    (["--db_path", "{db}", "model.dropout=1.5"], "config key 'model.dropout' must be [0, 1), got 1.5"),
 ])
 def test_bad_input_gives_one_clear_message(latent_db, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, db=latent_db) for a in args]

@@ -47,15 +47,52 @@ def test_prior_file_follows_the_nn_contract(chain):
     assert host.model.forward_output_labels[-1] == "perplexity"
     assert host.model.get_attributes() == ["temperature", "listen", "reset"]
     assert [int(host.model.temperature_params[0]), int(host.model.listen_params[0]),
-            int(host.model.reset_params[0])] == [2, 0, 0]
+            int(host.model.reset_params[0])] == [2, 3, 3]  # listen, reset: str
     assert host.model.set_temperature(-1.0) == 1 and host.model.get_temperature() == [1.0]
-    for listen in (True, False):
+    for listen in ("true", "false"):
         assert host.model.set_listen(listen) == 0
         for batch in (1, 4):
             for buffer in (RATIO, 2 * RATIO, 8 * RATIO, 4096):
                 out = host.stream("forward", at_full_rate(latent_sequence(batch)), buffer)  # shape/dtype checked
                 perplexity = out[:, -1, ::RATIO]
                 assert ((perplexity >= 1.0 - 1e-4) & (perplexity <= 16.0 + 1e-3)).all()
+
+
+@pytest.mark.parametrize("message, listening", [("1.000000", True), ("0.000000", False), ("true", True),
+                                                ("false", False), ("1", True), ("0", False), ("on", True),
+                                                ("off", False)])
+def test_listen_reads_as_a_musician_means_it_from_pd_and_max(chain, message, listening):
+    """nn~ 1.6 sends a Pd number as text ("0.000000"): with a bool attribute `set listen 0` read as
+    true. listen is a str attribute, parsed by the model: 1/0, true/false and on/off all work."""
+    _, _, prior_ts, combined_ts = chain
+    latents = latent_sequence(frames=16)
+    for path, method in ((prior_ts, "forward"), (combined_ts, "prior")):
+        host = NnHost(path)
+        assert host.model.set_listen(message) == 0
+        assert host.model.get_listen() == ["true" if listening else "false"]
+        out = host.perform(method, at_full_rate(latents))[:, :LATENT, ::RATIO]
+        assert torch.equal(out, latents) == listening  # listening passes the latents through
+
+
+def test_a_bad_latent_never_silences_the_prior(chain):
+    """NaN or inf latents from upstream: every output buffer stays finite, listening or generating."""
+    _, _, prior_ts, _ = chain
+    for listen in ("true", "false"):
+        host = NnHost(prior_ts)
+        host.model.set_listen(listen)
+        latents = latent_sequence(frames=64)
+        latents[0, 3, 9], latents[0, 5, 20], latents[0, 1, 0] = float("nan"), float("inf"), 1e30
+        outputs = [host.perform("forward", at_full_rate(latents[..., i:i + 8]), finite=False) for i in range(0, 64, 8)]
+        assert all(torch.isfinite(out).all() for out in outputs), listen
+
+
+def test_a_switch_that_means_nothing_is_refused_and_the_value_kept(chain):
+    _, _, prior_ts, _ = chain
+    host = NnHost(prior_ts)
+    assert host.model.set_listen("true") == 0
+    for bad in ("maybe", "", "nan"):
+        assert host.model.set_listen(bad) == 1 and host.model.get_listen() == ["true"]
+        assert host.model.set_reset(bad) == 1 and host.model.get_reset() == ["false"]
 
 
 @pytest.mark.parametrize("frames_per_buffer", [1, 2, 8])
@@ -68,7 +105,7 @@ def test_listening_in_buffers_gives_the_full_sequence_logits(chain, frames_per_b
     with torch.no_grad():
         expected = prior(tokens[:, :-1], tokens[:, 1:])  # (1, 63, 8, 16): frames 1..63
     host = NnHost(prior_ts)
-    host.model.set_listen(True)
+    host.model.set_listen("true")
     logits = []
     for i in range(0, 64, frames_per_buffer):
         out = host.perform("forward", at_full_rate(latents[..., i:i + frames_per_buffer]))
@@ -82,27 +119,27 @@ def test_reset_clears_the_context(chain):
     _, _, prior_ts, _ = chain
     a, b = latent_sequence(seed=1, frames=32), latent_sequence(seed=2, frames=32)
     fresh = NnHost(prior_ts)
-    fresh.model.set_listen(True)
+    fresh.model.set_listen("true")
     fresh_out = fresh.perform("forward", at_full_rate(b))
     host = NnHost(prior_ts)
-    host.model.set_listen(True)
+    host.model.set_listen("true")
     host.perform("forward", at_full_rate(a))
     continued = host.perform("forward", at_full_rate(b))
     assert not torch.allclose(continued[:, -1], fresh_out[:, -1])  # the context of a shows
-    host.model.set_reset(True)
-    assert host.model.get_reset() == [True]
+    host.model.set_reset("true")
+    assert host.model.get_reset() == ["true"]
     after_reset = host.perform("forward", at_full_rate(b))
     assert torch.allclose(after_reset, fresh_out, atol=1e-5)
-    assert host.model.get_reset() == [False]  # one-shot
+    assert host.model.get_reset() == ["false"]  # one-shot
 
 
 def generate_with_host(prior_ts, primer, n_frames, buffer_frames, temperature=0.0):
     """Listen to primer (1, 8, P) then generate n_frames, in buffers, as a patch would."""
     host = NnHost(prior_ts)
     host.model.set_temperature(temperature)
-    host.model.set_listen(True)
+    host.model.set_listen("true")
     host.stream("forward", at_full_rate(primer), buffer_frames * RATIO)
-    host.model.set_listen(False)
+    host.model.set_listen("false")
     out = host.stream("forward", at_full_rate(torch.zeros(1, LATENT, n_frames)), buffer_frames * RATIO)
     return out[:, :LATENT, ::RATIO], out[:, -1, ::RATIO]
 
@@ -160,7 +197,7 @@ def test_combined_file_chains_encode_prior_decode(chain):
             generated = host.stream("prior", latents, buffer)
             out = host.stream("decode", generated[:, :LATENT], buffer)
             assert out.shape == (batch, 1, 8192)
-            host.model.set_reset(True)
+            host.model.set_reset("true")
     host.model.set_phase_mode("keep_input")
     plain = NnHost(vae_ts)  # forward is the model's own
     x = torch.randn(1, 1, 2048) * 0.1

@@ -180,3 +180,16 @@ def test_interrupt_saves_last_checkpoint_for_resume(demo_root, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train(demo_root, tmp_path, "train.max_steps=50", "train.val_every=100")
     assert torch.load(tmp_path / "t/version_0/last.pt", weights_only=True)["step"] == 7
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.dataset.n_files=-1", "config key 'data.dataset.n_files' must be >= 1, got -1"),
+    ("train.max_steps=-5", "config key 'train.max_steps' must be >= 1, got -5"),
+    ("train.lr=-1", "config key 'train.lr' must be >= 0, got -1"),
+    ("data.valid_fraction=1", "config key 'data.valid_fraction' must be [0, 1), got 1"),
+])
+def test_a_number_out_of_range_is_refused_naming_the_key(demo_root, tmp_path, override, message):
+    """Before, n_files=-1 silently dropped a file and max_steps=-5 'trained' with no checkpoint."""
+    with pytest.raises(data.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        train(demo_root, tmp_path, override)
+    assert not (tmp_path / "t").exists()  # no run folder was made
