@@ -14,6 +14,7 @@ Sections, in the order data flows through a run:
   8. Spectral frames                       a dataset's frames and labels in memory, cached spectra
   9. Latent sequences                      what preprocess.py writes and train_prior.py reads
  10. Distributed training                  torchrun process groups, DDP, mixed precision
+ 11. Figures                               labelled spectrograms and latent curves for TensorBoard
 
 Dataset layout (as in vschaos2):
 
@@ -1210,3 +1211,52 @@ def replicas_in_sync(model):
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     return bool(torch.equal(low, high))
 
+
+# ----------------------------------------------------------------------------------------------
+# 11. Figures for TensorBoard (matplotlib, imported on use; writer.add_figure logs them)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def spectrogram_figure(panels, sr, hop, range_db=80.0):
+    """Magnitude spectrograms side by side, each named: panels = [(name, mag (bins, frames))].
+    dB relative to the loudest panel's peak (range_db shown), a colour map with its scale, time in
+    seconds and a logarithmic frequency axis in Hz (tonal detail lives in the low bins)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 3.6), sharey=True, squeeze=False,
+                             constrained_layout=True)
+    peak = max(float(np.max(mag)) for _, mag in panels) + 1e-12
+    for ax, (name, mag) in zip(axes[0], panels):
+        mag = np.asarray(mag, dtype=np.float64)
+        db = 20 * np.log10(np.maximum(mag, peak * 10 ** (-range_db / 20)) / peak)  # (bins, frames)
+        times = np.arange(mag.shape[1] + 1) * hop / sr
+        freqs = np.linspace(0, sr / 2, mag.shape[0] + 1)
+        image = ax.pcolormesh(times, np.maximum(freqs, 1.0), db, vmin=-range_db, vmax=0, cmap="magma",
+                              shading="flat", rasterized=True)
+        ax.set_yscale("log")
+        ax.set_ylim(30, sr / 2)
+        ax.set_title(name)
+        ax.set_xlabel("time (s)")
+    axes[0][0].set_ylabel("frequency (Hz)")
+    fig.colorbar(image, ax=list(axes[0]), label="dB")
+    return fig
+
+
+def latent_figure(panels, frame_rate):
+    """Latent trajectories, one panel each: panels = [(name, latents (frames, Q))], one curve per
+    dimension against time in seconds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.4 * len(panels)), squeeze=False, sharex=True)
+    for ax, (name, z) in zip(axes[:, 0], panels):
+        z = np.asarray(z)
+        ax.plot(np.arange(len(z)) / frame_rate, z, linewidth=0.8)
+        ax.set_title(name)
+        ax.set_ylabel("latent")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    return fig

@@ -205,8 +205,9 @@ def evaluate(model, frames, config, step, device):
 
 @torch.no_grad()
 def log_examples(writer, model, frames, config, step, device, log_original, max_frames=400):
-    """Spectrogram image (original above, reconstruction below) and audio of one validation file;
-    log_original: also the original's resynthesis (once per run is enough)."""
+    """A labelled figure of one validation file's spectrogram, original beside reconstruction (dB,
+    colour map, time and frequency axes), and the reconstruction's audio; log_original: also the
+    original's resynthesis from its magnitude (once per run is enough)."""
     t = config["data"]["transform"]
     model.eval()
     index = frames.file_frames(0)[:max_frames]
@@ -215,10 +216,13 @@ def log_examples(writer, model, frames, config, step, device, log_original, max_
     x = model.normalize(mags)
     mean, _ = model.encode(x, models.fill_missing_labels(model, labels))
     cond = models.fill_missing_labels(model, labels, model.predict(mean))
-    x_hat = model.decode(mean, cond)
-    image = torch.cat([x.t().flip(0), torch.ones(x.shape[1], 2, device=device), x_hat.t().flip(0)], dim=1)  # (bins, 2·frames + 2), low bins at the bottom
-    writer.add_image("valid/spectrogram_original_vs_reconstruction", image.clamp(0, 1).unsqueeze(0).cpu(), step)
-    audio = models.reconstruct_audio(model.denormalize(x_hat).t().cpu(), t["n_fft"], t["hop"], "pghi", iters=10)
+    reconstruction = model.denormalize(model.decode(mean, cond)).cpu()  # (frames, bins)
+    name = frames.files[0]
+    figure = data.spectrogram_figure([(f"original: {name}", mags.t().cpu().numpy()),
+                                      (f"reconstruction, step {step}", reconstruction.t().numpy())],
+                                     t["sr"], t["hop"])
+    writer.add_figure("valid/spectrogram_original_vs_reconstruction", figure, step)
+    audio = models.reconstruct_audio(reconstruction.t(), t["n_fft"], t["hop"], "pghi", iters=10)
     writer.add_audio("valid/reconstruction", (audio / audio.abs().max().clamp(min=1.0)).unsqueeze(0), step,
                      sample_rate=t["sr"])
     if log_original:
