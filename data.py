@@ -955,6 +955,7 @@ class LatentSequences:
     """The token sequences (and conditioning features) of some files of a latent dataset, joined
     end to end into one stream (batch, frames, Q) in memory, as language-model corpora are:
     training crops may span a file boundary, which keeps every frame usable however short the files.
+    Validation and the baselines read each file on its own (`files`): no prediction across files.
     """
 
     def __init__(self, db_path, index, keys):
@@ -970,11 +971,13 @@ class LatentSequences:
                 raise UserError(f"{path}: cannot read the encoded file ({e}); re-run preprocess.py") from None
         q = index["model"]["latent_dim"]
         self.keys = list(keys)
+        self.lengths = [len(t) for t in tokens]  # frames of each file, in order
+        self.resolution = index["resolution"]
         self.tokens = torch.cat(tokens) if tokens else torch.zeros(0, q, dtype=torch.long)  # (frames, Q)
         n_features = len(index.get("features") or [])
         self.features = torch.cat(features) if features else torch.zeros(len(self.tokens), n_features)
-        if len(self.tokens) and (self.tokens.min() < 0 or self.tokens.max() >= index["resolution"]):
-            raise UserError(f"{db_path}: tokens outside [0, {index['resolution']}): the dataset is corrupt")
+        if len(self.tokens) and (self.tokens.min() < 0 or self.tokens.max() >= self.resolution):
+            raise UserError(f"{db_path}: tokens outside [0, {self.resolution}): the dataset is corrupt")
 
     def __len__(self):
         return len(self.tokens)
@@ -982,6 +985,10 @@ class LatentSequences:
     def to(self, device):
         self.tokens, self.features = self.tokens.to(device), self.features.to(device)
         return self
+
+    def files(self):
+        """Each file on its own: a list of (tokens (frames, Q), features (frames, F))."""
+        return list(zip(self.tokens.split(self.lengths), self.features.split(self.lengths)))
 
     def crops(self, starts, length):
         """Crops of `length` frames at `starts` (n,) -> tokens (n, length, Q), features (n, length, F)."""
@@ -992,23 +999,36 @@ class LatentSequences:
         starts = torch.randint(0, len(self) - length + 1, (n,), device=self.tokens.device, generator=generator)
         return self.crops(starts, length)
 
-    def tiled_crops(self, length):
-        """Consecutive crops covering the stream (the last one may overlap its neighbour)."""
-        length = min(length, len(self))
-        starts = list(range(0, len(self) - length + 1, length))
-        if starts[-1] + length < len(self):
-            starts.append(len(self) - length)
-        return self.crops(torch.tensor(starts, device=self.tokens.device), length)
+    def markov_log_probs(self, smoothing=0.1):
+        """log p(x_t | x_{t−1}) of each stream, counted over the transitions inside each file and
+        add-`smoothing` smoothed: (Q, N previous, N next) float32, the first-order Markov chain."""
+        n, q = self.resolution, self.tokens.shape[1]
+        counts = torch.full((q, n * n), smoothing, dtype=torch.float64)
+        for tokens, _ in self.files():
+            pairs = (tokens[:-1] * n + tokens[1:]).cpu()  # (frames − 1, Q): previous·N + next
+            for stream in range(q):
+                counts[stream] += torch.bincount(pairs[:, stream], minlength=n * n).double()
+        counts = counts.view(q, n, n)
+        return (counts / counts.sum(-1, keepdim=True)).log().float()
 
-    def unigram_cross_entropy(self, other, resolution):
-        """Cross-entropy (nats, mean over frames and streams) of `other`'s tokens under this set's
-        per-stream token frequencies (add-one smoothed): what a model that ignores context scores,
-        the baseline a prior must beat."""
-        counts = torch.stack([torch.bincount(self.tokens[:, q].cpu(), minlength=resolution)
-                              for q in range(self.tokens.shape[1])]).double() + 1.0  # (Q, N)
-        log_p = (counts / counts.sum(1, keepdim=True)).log()
-        tokens = other.tokens.cpu()  # (frames, Q)
-        return float(-log_p.gather(1, tokens.t()).mean())
+    def baseline_cross_entropies(self, other):
+        """What a prior must beat, in nats per token on the frames it predicts (every frame of each of
+        `other`'s files but its first): the unigram (this set's token frequencies, add-one smoothed;
+        ignores context) and the first-order Markov chain (markov_log_probs: "the next frame looks
+        like this one")."""
+        n, q = self.resolution, self.tokens.shape[1]
+        counts = torch.stack([torch.bincount(self.tokens[:, s].cpu(), minlength=n) for s in range(q)]).double() + 1.0
+        unigram = (counts / counts.sum(1, keepdim=True)).log()  # (Q, N)
+        markov = self.markov_log_probs().double()  # (Q, N, N)
+        streams = torch.arange(q)
+        totals, count = {"unigram": 0.0, "markov": 0.0}, 0
+        for tokens, _ in other.files():
+            tokens = tokens.cpu()
+            previous, following = tokens[:-1], tokens[1:]  # (frames − 1, Q)
+            totals["unigram"] -= float(unigram[streams, following].sum())
+            totals["markov"] -= float(markov[streams, previous, following].sum())
+            count += following.numel()
+        return {k: v / max(count, 1) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------

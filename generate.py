@@ -268,12 +268,7 @@ def prior_generation(args):
     # generate; unprimed, the context starts from one all-zero frame
     latents, perplexity = stream(torch.zeros(args.batches, n_frames, q), None, False, args.temperature)
     latents = latents.transpose(1, 2)  # (batch, Q, frames)
-    decode_inputs = int(model.decode_params[0])
-    if decode_inputs > q:  # label inputs of a conditioned VAE: -1 = unknown (its predictors guess)
-        latents_in = torch.cat([latents, torch.full((args.batches, decode_inputs - q, n_frames), -1.0)], dim=1)
-    else:
-        latents_in = latents
-    audio = model.decode(latents_in)  # (batch, 1, frames · ratio)
+    audio = models.decode_latents(model, latents)  # (batch, 1, frames · ratio)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(args.batches):
         data.save_audio(out_dir / f"{i}.wav", audio[i, 0], sr)

@@ -578,11 +578,17 @@ class CoarseToFineHead(nn.Module):
 
     Stream q sees the backbone state h modulated (FiLM) by the sum of the embeddings of streams
     < q of the same frame: teacher-forced (the true tokens) in training, sampled at inference.
+    markov=True adds to stream q's logits a learned row of a (Q, N, N) transition table picked by the
+    previous frame's token of stream q: initialised with a Markov chain's log p(x_t | x_{t−1}) and a
+    small output layer, the prior starts as "the next frame looks like this one" and learns the rest.
     """
 
-    def __init__(self, dim: int, n_streams: int, resolution: int):
+    def __init__(self, dim: int, n_streams: int, resolution: int, markov: bool = False):
         super().__init__()
-        self.n_streams, self.resolution = n_streams, resolution
+        self.n_streams, self.resolution, self.markov = n_streams, resolution, markov
+        size = resolution if markov else 0
+        self.transition = nn.Parameter(torch.zeros(n_streams, size, size))  # (Q, N previous, N next) logits
+        self.register_buffer("streams", torch.arange(n_streams), persistent=False)
         self.embedding = nn.Embedding(n_streams * resolution, dim)  # (stream, token) -> dim
         self.film = nn.Linear(dim, 2 * dim)
         self.norm = nn.LayerNorm(dim)
@@ -590,14 +596,17 @@ class CoarseToFineHead(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(n_streams, resolution))
         self.register_buffer("offsets", torch.arange(n_streams) * resolution, persistent=False)
 
-    def forward(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing. h: (batch, frames, dim); targets: (batch, frames, Q) int64
-        -> logits (batch, frames, Q, resolution)."""
+    def forward(self, h: torch.Tensor, targets: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. h: (batch, frames, dim); targets: (batch, frames, Q) int64, previous: the
+        frames before them (batch, frames, Q) -> logits (batch, frames, Q, resolution)."""
         emb = self.embedding(targets + self.offsets)  # (b, t, Q, dim)
-        previous = torch.cumsum(emb, dim=2) - emb  # sum of embeddings of streams < q
-        scale, shift = self.film(previous).chunk(2, dim=-1)  # (b, t, Q, dim) each
+        lower = torch.cumsum(emb, dim=2) - emb  # sum of embeddings of streams < q
+        scale, shift = self.film(lower).chunk(2, dim=-1)  # (b, t, Q, dim) each
         g = self.norm(h.unsqueeze(2) * (1.0 + scale) + shift)
-        return torch.einsum("btqd,qkd->btqk", g, self.out_weight) + self.out_bias
+        logits = torch.einsum("btqd,qkd->btqk", g, self.out_weight) + self.out_bias
+        if self.markov:
+            logits = logits + self.transition[self.streams, previous]  # (b, t, Q, N)
+        return logits
 
     @torch.jit.export
     def film_table(self) -> torch.Tensor:
@@ -606,12 +615,12 @@ class CoarseToFineHead(nn.Module):
         return self.embedding.weight @ self.film.weight.t()
 
     @torch.jit.export
-    def sample(self, h: torch.Tensor, temperature: float, film_table: torch.Tensor,
+    def sample(self, h: torch.Tensor, temperature: float, film_table: torch.Tensor, previous: torch.Tensor,
                given: Optional[torch.Tensor] = None):
         """One frame, stream by stream. h: (batch, dim), film_table: self.film_table() (computed once
-        per model) -> (tokens (batch, Q) int64, untempered logits (batch, Q, resolution)).
-        temperature 0 = argmax. With `given` (batch, Q), its tokens are used instead of sampled
-        ones (teacher forcing of a known frame, e.g. listen mode)."""
+        per model), previous: the frame before (batch, Q) -> (tokens (batch, Q) int64, untempered
+        logits (batch, Q, resolution)). temperature 0 = argmax. With `given` (batch, Q), its tokens are
+        used instead of sampled ones (teacher forcing of a known frame, e.g. listen mode)."""
         film = self.film.bias.unsqueeze(0).expand(h.size(0), -1)  # (batch, 2·dim), condition = 0
         tokens = []
         logits = []
@@ -619,6 +628,8 @@ class CoarseToFineHead(nn.Module):
             scale, shift = film.chunk(2, dim=-1)
             g = self.norm(torch.addcmul(h + shift, h, scale))  # h·(1 + scale) + shift
             logit = torch.addmm(self.out_bias[q], g, self.out_weight[q].t())  # (batch, resolution)
+            if self.markov:
+                logit = logit + self.transition[q][previous[:, q]]
             if given is not None:
                 token = given[:, q]
             elif temperature <= 0.0:
@@ -649,7 +660,7 @@ class LatentPrior(nn.Module):
 
     def __init__(self, n_streams: int, resolution: int, backbone: str = "transformer", dim: int = 256,
                  layers: int = 4, heads: int = 4, ffn_dim: int = 1024, context: int = 256,
-                 dropout: float = 0.1, n_features: int = 0, encoder_layers: int = 2):
+                 dropout: float = 0.1, n_features: int = 0, encoder_layers: int = 2, markov_head: bool = False):
         super().__init__()
         if backbone not in ("transformer", "gru", "seq2seq"):
             raise UserError(f"model.backbone must be transformer, gru or seq2seq, got {backbone!r}")
@@ -678,7 +689,7 @@ class LatentPrior(nn.Module):
             self.feature_in = None
             self.encoder = nn.ModuleList()
         self.norm = nn.LayerNorm(dim)
-        self.head = CoarseToFineHead(dim, n_streams, resolution)
+        self.head = CoarseToFineHead(dim, n_streams, resolution, markov_head)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, frames, Q) int64 -> (batch, frames, dim): one embedding per (stream, token), summed."""
@@ -734,17 +745,31 @@ class LatentPrior(nn.Module):
         """Teacher-forced logits. tokens: (batch, frames, Q) inputs, targets: the frames after them
         -> (batch, frames, Q, resolution)."""
         h, _ = self.hidden(tokens, features, self.init_state(tokens.size(0), 0))
-        return self.head(h, targets)
+        return self.head(h, targets, tokens)
 
 
-def next_frame_loss(model, sequence: torch.Tensor, features: Optional[torch.Tensor] = None):
+def next_frame_loss(model, sequence: torch.Tensor, features: Optional[torch.Tensor] = None,
+                    inputs: Optional[torch.Tensor] = None):
     """Mean cross-entropy of a (batch, frames + 1, Q) crop; features (batch, frames + 1, F).
     -> (loss, logits (batch, frames, Q, N), targets (batch, frames, Q)). `model` is a LatentPrior
     or it wrapped (DistributedDataParallel, torch.compile): the call goes through its forward,
-    where DDP prepares the gradient all-reduce."""
-    inputs, targets = sequence[:, :-1], sequence[:, 1:]
+    where DDP prepares the gradient all-reduce. `inputs` replaces sequence[:, :-1] (augmented
+    inputs, e.g. jitter_tokens), the targets staying exact."""
+    targets = sequence[:, 1:]
+    if inputs is None:
+        inputs = sequence[:, :-1]
     logits = model(inputs, targets, None if features is None else features[:, 1:])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), logits, targets
+
+
+def jitter_tokens(tokens: torch.Tensor, probability: float, resolution: int) -> torch.Tensor:
+    """Augmentation of a prior's inputs: each token moves one bin up or down with `probability`
+    (clamped to [0, resolution)). Neighbouring bins of the normal-CDF quantizer are neighbouring
+    latent values, so the prior learns to read slightly different sequences the same way instead of
+    memorising the exact token sequences of a small dataset. No host sync."""
+    move = torch.randint(0, 2, tokens.shape, device=tokens.device) * 2 - 1  # ±1
+    moved = torch.rand(tokens.shape, device=tokens.device) < probability
+    return torch.where(moved, (tokens + move).clamp(0, resolution - 1), tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,7 +842,7 @@ class StreamingPrior(nn.Module):
             if features is not None:
                 step_features = features[:, first:]
             h, self.state = self.prior.hidden(inputs, step_features, self.state)
-            logits[:, first:] = self.prior.head(h, tokens[:, first:])
+            logits[:, first:] = self.prior.head(h, tokens[:, first:], inputs)
         self.previous = tokens[:, k - 1]
         self.has_previous = True
         return logits
@@ -835,7 +860,7 @@ class StreamingPrior(nn.Module):
                 if features is not None:
                     step_features = features[:, j:j + 1]
                 h, self.state = self.prior.hidden(self.previous.unsqueeze(1), step_features, self.state)
-                token, logit = self.prior.head.sample(h[:, 0], temperature, self.film_table, None)
+                token, logit = self.prior.head.sample(h[:, 0], temperature, self.film_table, self.previous)
                 logits[:, j] = logit
             out[:, j] = token
             self.previous = token
@@ -1357,7 +1382,8 @@ def prior_config_kwargs(config, n_streams, resolution, n_features):
     m = config["model"]
     return dict(n_streams=n_streams, resolution=resolution, backbone=m["backbone"], dim=m["dim"],
                 layers=m["layers"], heads=m["heads"], ffn_dim=m["ffn_dim"], context=m["context"],
-                dropout=m["dropout"], n_features=n_features, encoder_layers=m["encoder_layers"])
+                dropout=m["dropout"], n_features=n_features, encoder_layers=m["encoder_layers"],
+                markov_head=bool(m["markov_head"]))
 
 
 def load_prior(path):
@@ -1400,3 +1426,14 @@ def load_latent_model(path, dataset, n_streams):
         print(f"warning: {path} is not the file the prior's latents were encoded with "
               f"({dataset['model'].get('path')}): the latents may not mean the same", file=sys.stderr)
     return model
+
+
+def decode_latents(model, latents):
+    """Audio (batch, 1, frames · ratio) from latents (batch, Q, frames) through an nn~ model's decode;
+    the label inputs of a conditioned VAE (after the latents) get -1, "unknown" (its predictors guess)."""
+    inputs = int(model.decode_params[0])
+    if inputs > latents.size(1):
+        unknown = torch.full((latents.size(0), inputs - latents.size(1), latents.size(2)), -1.0)
+        latents = torch.cat([latents, unknown], dim=1)
+    with torch.no_grad():
+        return model.decode(latents.contiguous())

@@ -19,8 +19,14 @@ Dataset written under --out (train_prior.py reads exactly this):
     index.json = {"format": 1,
                   "model": {"path", "sha256", "sample_rate", "ratio", "latent_dim"},
                   "discrete": bool, "quantizer": "normal_cdf" | "none", "resolution": int,
-                  "features": [] | ["loudness", "f0"], "num_secs": float,
-                  "files": [{"file": <path relative to --audio>, "key": <npy name>, "frames": int}, ...]}
+                  "features": [] | ["loudness", "f0"], "shifts": [semitones], "num_secs": float,
+                  "files": [{"file": <path relative to --audio>, "key": <npy name>, "frames": int,
+                             "shift": 0 or the semitones of a pitch-shifted copy}, ...]}
+
+--pitch_shifts -2,-1,1,2 also encodes every file resampled that many semitones up or down (pitch and
+duration change together, as a tape played faster or slower): five times the sequences for a prior
+to learn from on a small dataset. train_prior.py splits by file, trains on every copy of its training
+files and validates on the original validation files only.
 
 Continuous latents are quantized with models.quantize_latents (k = floor(Φ(z/2)·N), N =
 --resolution); the quantizer and the resolution are stored in the index, so training and export
@@ -93,6 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="number of quantization bins of continuous latents (default 64, or the existing "
                         "dataset's); ignored for discrete models, whose codebook size is used")
+    p.add_argument(*data.spellings("--pitch_shifts"), default="",
+                   help="comma-separated semitones, e.g. -2,-1,1,2: every file is also encoded played that many "
+                        "semitones higher or lower (resampled), more sequences for the prior to learn from; "
+                        "train_prior.py trains on them and validates on the originals only")
     p.add_argument("--features", default="",
                    help="comma-separated conditioning features per latent frame, for the seq2seq prior: "
                         "loudness (dB), f0 (Hz, 0 where unvoiced), e.g. --features loudness,f0")
@@ -109,6 +119,7 @@ def parse_args(argv=None):
                    help="torch CPU threads (default: torch's default)")
     args = p.parse_args(argv)
     args.features = parse_features(args.features)
+    args.pitch_shifts = parse_shifts(args.pitch_shifts)
     if args.num_secs is not None and not args.num_secs > 0:
         raise UserError(f"--num_secs must be a positive number of seconds, got {args.num_secs}")
     if args.resolution is not None and not 2 <= args.resolution <= 32767:
@@ -118,6 +129,16 @@ def parse_args(argv=None):
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
     return args
+
+
+def parse_shifts(text):
+    try:
+        shifts = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--pitch_shifts takes whole semitones separated by commas (e.g. -2,-1,1,2), got {text!r}") from None
+    if 0 in shifts or any(abs(s) > 12 for s in shifts):
+        raise UserError(f"--pitch_shifts: each shift must be a non-zero number of semitones up to 12, got {text!r}")
+    return shifts
 
 
 def parse_features(text):
@@ -287,6 +308,16 @@ def crepe_f0(audio, sr, ratio, frames, forward, args):
     return np.nan_to_num(f0, nan=0.0).astype(np.float32)
 
 
+def pitch_shifted(audio, semitones, sr):
+    """The audio played `semitones` higher (or lower) by resampling, as a tape sped up: pitch and
+    duration change together, timbre's formants move with it. 0 gives the audio itself."""
+    if semitones == 0:
+        return audio
+    factor = 2 ** (semitones / 12)
+    source = max(1, int(round(sr * factor / 10)))  # rates with a common divisor keep resample's filter short
+    return torchaudio.functional.resample(audio, source, max(1, int(round(sr / 10))))
+
+
 # ----------------------------------------------------------------------------------------------
 # The dataset folder
 
@@ -313,6 +344,9 @@ def check_compatible(index, index_path, encoder, args):
         raise UserError(f"{index_path} was quantized at resolution {index.get('resolution')}, not --resolution "
                         f"{args.resolution}: the dataset would mix incompatible tokens; pass --resolution "
                         f"{index.get('resolution')} or use another --out")
+    if index.get("shifts", []) != args.pitch_shifts:
+        raise UserError(f"{index_path} holds pitch shifts {index.get('shifts', []) or 'none'}, not "
+                        f"{args.pitch_shifts or 'none'}: pass the same --pitch_shifts or use another --out")
     if index.get("features", []) != args.features:
         wanted = ",".join(index.get("features", [])) or "''"
         raise UserError(f"{index_path} holds features {index.get('features', []) or 'none'}, not "
@@ -351,7 +385,8 @@ def main(argv=None):
                            "ratio": encoder.ratio, "latent_dim": encoder.latent_dim},
                  "discrete": encoder.discrete, "quantizer": "none" if encoder.discrete else "normal_cdf",
                  "resolution": (encoder.codebook_size or 1) if encoder.discrete else (args.resolution or 64),
-                 "features": args.features, "num_secs": float(args.num_secs or 16.0), "files": []}
+                 "features": args.features, "shifts": args.pitch_shifts, "num_secs": float(args.num_secs or 16.0),
+                 "files": []}
     chunk = max(encoder.ratio, int(index["num_secs"] * encoder.sample_rate) // encoder.ratio * encoder.ratio)
 
     kind = "discrete codes (stored as they are)" if encoder.discrete else \
@@ -365,8 +400,8 @@ def main(argv=None):
         print("note: --resolution is ignored for a discrete model (its codebook size is used)", file=sys.stderr)
 
     rel_of = {f: (f.relative_to(audio_root).as_posix() if audio_root.is_dir() else f.name) for f in files}
-    done = {entry["file"] for entry in index["files"]}
-    todo = [f for f in files if rel_of[f] not in done]
+    done = {(entry["file"], entry.get("shift", 0)) for entry in index["files"]}
+    todo = [f for f in files if any((rel_of[f], s) not in done for s in [0] + index.get("shifts", []))]
     used_keys = {entry["key"].lower() for entry in index["files"]}
     for sub in ["tokens"] + ([] if encoder.discrete else ["latents"]) + (["features"] if args.features else []):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -382,37 +417,41 @@ def main(argv=None):
         for f in bar:
             rel = rel_of[f]
             try:
-                audio = data.load_audio(f, encoder.sample_rate)  # (samples,)
+                original = data.load_audio(f, encoder.sample_rate)  # (samples,)
             except data.AudioError as e:
                 bar.write(f"warning: skipping {e}", file=sys.stderr)
                 failed.append(rel)
                 continue
-            z = encoder.encode(audio, chunk)  # (frames, out_channels)
-            z = z[:, encoder.channels]  # (frames, Q)
-            frames = z.shape[0]
-            key = make_key(rel, used_keys)
-            if encoder.discrete:
-                tokens = code_tokens(z, encoder.codebook_size, f)
-                index["resolution"] = max(index["resolution"], int(tokens.max()) + 1)
-            else:
-                if not torch.isfinite(z).all():
-                    raise UserError(f"{f}: the model's encode produced non-finite latents")
-                data.save_npy(out / "latents" / f"{key}.npy", z.float().numpy())
-                tokens = models.quantize_latents(z, index["resolution"]).to(torch.int16)
-            data.save_npy(out / "tokens" / f"{key}.npy", tokens.numpy())
-            if args.features:
-                columns = {}
-                if "loudness" in args.features:
-                    columns["loudness"] = loudness_db(audio, encoder.ratio, frames)
-                if "f0" in args.features:
-                    columns["f0"] = crepe_f0(audio, encoder.sample_rate, encoder.ratio, frames, forward, args)
-                data.save_npy(out / "features" / f"{key}.npy", np.stack([columns[n] for n in args.features], axis=1))
-            index["files"].append({"file": rel, "key": key, "frames": int(frames)})
-            n_new, n_frames = n_new + 1, n_frames + frames
-            audio_s += audio.shape[0] / encoder.sample_rate
-            if time.perf_counter() - last_write > INDEX_EVERY_S:
-                data.write_json_atomic(index_path, index)
-                last_write = time.perf_counter()
+            for shift in [0] + index.get("shifts", []):
+                if (rel, shift) in done:
+                    continue
+                audio = pitch_shifted(original, shift, encoder.sample_rate)
+                z = encoder.encode(audio, chunk)[:, encoder.channels]  # (frames, Q)
+                frames = z.shape[0]
+                key = make_key(rel if shift == 0 else f"{rel}__shift{shift:+d}", used_keys)
+                if encoder.discrete:
+                    tokens = code_tokens(z, encoder.codebook_size, f)
+                    index["resolution"] = max(index["resolution"], int(tokens.max()) + 1)
+                else:
+                    if not torch.isfinite(z).all():
+                        raise UserError(f"{f}: the model's encode produced non-finite latents")
+                    data.save_npy(out / "latents" / f"{key}.npy", z.float().numpy())
+                    tokens = models.quantize_latents(z, index["resolution"]).to(torch.int16)
+                data.save_npy(out / "tokens" / f"{key}.npy", tokens.numpy())
+                if args.features:
+                    columns = {}
+                    if "loudness" in args.features:
+                        columns["loudness"] = loudness_db(audio, encoder.ratio, frames)
+                    if "f0" in args.features:
+                        columns["f0"] = crepe_f0(audio, encoder.sample_rate, encoder.ratio, frames, forward, args)
+                    data.save_npy(out / "features" / f"{key}.npy",
+                                  np.stack([columns[n] for n in args.features], axis=1))
+                index["files"].append({"file": rel, "key": key, "frames": int(frames), "shift": shift})
+                n_new, n_frames = n_new + 1, n_frames + frames
+                audio_s += audio.shape[0] / encoder.sample_rate
+                if time.perf_counter() - last_write > INDEX_EVERY_S:
+                    data.write_json_atomic(index_path, index)
+                    last_write = time.perf_counter()
         bar.close()
     finally:  # also on Ctrl-C and errors: the index lists exactly the files whose .npy are complete
         data.write_json_atomic(index_path, index)

@@ -40,10 +40,13 @@ DEFAULTS = {
     "check": 0,              # 1: print model + dataset summary and exit
     "resume": None,          # 1: continue the latest version of rundir/name; or a version folder
     "pretrained_embedding": None,  # a discrete model's .ts: initialise token embeddings from its codebook
+    "decoder": None,         # the latent model's .ts that decodes generated latents for TensorBoard (--model);
+                             # default: the file index.json names (the one preprocess.py encoded with)
     "data": {
         "db_path": None,             # folder written by preprocess.py (index.json, tokens/, ...)
         "valid_fraction": 0.1,       # share of files held out for validation
         "crop": 256,                 # frames per training example (the model predicts each from those before)
+        "jitter": 0.0,               # probability that an input token moves to a neighbouring bin (augmentation)
     },
     "model": {
         "backbone": "transformer",   # transformer (causal ALiBi) | gru | seq2seq (needs features)
@@ -54,6 +57,8 @@ DEFAULTS = {
         "context": 256,              # frames each attention sees: the sliding window of the nn~ export
         "dropout": 0.1,
         "encoder_layers": 2,         # seq2seq: causal encoder layers over the conditioning features
+        "markov_head": 1,            # 1: a per-stream transition table p(x_t | x_{t-1}) in the head, started from
+                                     # the training set's Markov chain (resolution <= 256 only; see README)
     },
     "train": {
         "batch_size": 16,            # crops per step and process (torchrun: N processes × this)
@@ -64,6 +69,7 @@ DEFAULTS = {
         "warmup_start": 0.01,
         "decay_half_life": 20000,    # ... then exponential decay: lr halves every N steps
         "max_steps": 50000,
+        "max_minutes": None,         # stop after this much training time (checked every log_every steps)
         "grad_clip": 1.0,            # max gradient norm (0: off)
         "seed": 0,
         "device": "auto",            # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
@@ -74,17 +80,22 @@ DEFAULTS = {
         "val_every": 1000,           # validation + checkpoints every N steps (and at the end)
         "patience": 20,              # stop after N validations without a lower validation cross-entropy
         "top_k": 5,                  # top-k accuracy logged besides top-1
+        "listen_seconds": 4.0,       # at each validation, seconds generated (primed and unprimed) for TensorBoard
     },
 }
 
 
 RANGES = {  # numbers out of these ranges are refused, naming the key (data.check_ranges)
-    "data.valid_fraction": "[0, 1)", "data.crop": ">= 1", "model.dim": ">= 1", "model.layers": ">= 1",
+    "data.valid_fraction": "[0, 1)", "data.crop": ">= 1", "data.jitter": "[0, 1]", "model.dim": ">= 1", "model.layers": ">= 1",
     "model.heads": ">= 1", "model.ffn_dim": ">= 1", "model.context": ">= 1", "model.dropout": "[0, 1)",
     "model.encoder_layers": ">= 1", "train.batch_size": ">= 1", "train.lr": ">= 0", "train.weight_decay": ">= 0",
     "train.warmup_steps": ">= 0", "train.warmup_start": "[0, 1]", "train.decay_half_life": "> 0",
-    "train.max_steps": ">= 1", "train.grad_clip": ">= 0", "train.num_threads": ">= 1", "train.log_every": ">= 1",
-    "train.val_every": ">= 1", "train.patience": ">= 0", "train.top_k": ">= 1"}
+    "train.max_steps": ">= 1", "train.max_minutes": "> 0", "train.grad_clip": ">= 0", "train.num_threads": ">= 1",
+    "train.log_every": ">= 1", "train.val_every": ">= 1", "train.patience": ">= 0", "train.top_k": ">= 1",
+    "train.listen_seconds": ">= 0"}
+
+
+MARKOV_HEAD_MAX_RESOLUTION = 256  # above, the (Q, N, N) table grows too large (discrete codebooks of 1024)
 
 
 def check_model_config(config, index):
@@ -101,7 +112,8 @@ def check_model_config(config, index):
 def parse_args(argv):
     return data.parse_training_command(
         argv, __doc__, CONFIG_DIR, DEFAULTS, default_config="decoder_only",
-        flags={"--db_path": "data.db_path", "--name": "name", "--pretrained_embedding": "pretrained_embedding"})
+        flags={"--db_path": "data.db_path", "--name": "name", "--pretrained_embedding": "pretrained_embedding",
+               "--model": "decoder"})
 
 
 def learning_rate(step, tc):
@@ -121,20 +133,20 @@ def token_metrics(logits, targets, top_k):
 
 @torch.no_grad()
 def evaluate(model, sequences, config):
-    """Mean metrics over consecutive crops covering the validation stream ({} when it holds < 2 frames)."""
-    if len(sequences) < 2:
-        return {}
+    """Mean metrics over every validation file, each on its own (frame t of a file predicted from its
+    frames before t, as the baselines are measured); {} when no file holds two frames."""
     model.eval()
-    tokens, features = sequences.tiled_crops(config["data"]["crop"] + 1)
     totals, n = {}, 0
-    bs = config["train"]["batch_size"]
-    for start in range(0, len(tokens), bs):
-        batch_features = features[start:start + bs] if model.n_features else None
-        _, logits, targets = models.next_frame_loss(model, tokens[start:start + bs], batch_features)
+    for tokens, features in sequences.files():
+        if len(tokens) < 2:
+            continue
+        _, logits, targets = models.next_frame_loss(model, tokens[None], features[None] if model.n_features else None)
         for k, v in token_metrics(logits, targets, config["train"]["top_k"]).items():
-            totals[k] = totals.get(k, 0.0) + float(v) * len(logits)
-        n += len(logits)
+            totals[k] = totals.get(k, 0.0) + float(v) * targets.numel()
+        n += targets.numel()
     model.train()
+    if n == 0:
+        return {}
     metrics = {k: v / n for k, v in totals.items()}
     metrics["perplexity"] = math.exp(metrics["cross_entropy"])
     return metrics
@@ -164,7 +176,58 @@ def init_embedding_from_codebook(model, codebook):
         table[:, :, :width] = codebook[:, :, :width] * scale
 
 
-def print_check(model, index, split, train_set, valid_set, db_path, baseline):
+def load_decoder(config, index, n_streams):
+    """The nn~ model that decodes generated latents into audio for TensorBoard (train.decoder, or the
+    file index.json names), or None, said once, when there is none to load."""
+    path = config["decoder"] or index["model"].get("path")
+    try:
+        if not path:
+            raise UserError("the dataset names no model file")
+        return models.load_latent_model(path, index, n_streams)
+    except UserError as e:
+        data.print0(f"note: no decoder for the generated latents ({e}): TensorBoard gets the latents only; "
+                    "pass --model the_vae.ts to hear them", file=sys.stderr)
+        return None
+
+
+@torch.no_grad()
+def log_generations(writer, model, valid_set, index, decoder, step, seconds):
+    """Generate `seconds` from the prior as its nn~ export does (models.StreamingPrior, temperature 1),
+    primed with the start of the first validation file and unprimed, and log the latents (a figure) and,
+    with a decoder, the audio. Runs on a random generator of its own: training's is left untouched."""
+    tokens, features = next(((t, f) for t, f in valid_set.files() if len(t) >= 4), (None, None))
+    if tokens is None:
+        return
+    sr, ratio = index["model"]["sample_rate"], index["model"]["ratio"]
+    frames = max(2, int(seconds * sr / ratio))
+    heard = min(len(tokens) // 2, frames)
+    if model.n_features:  # the features drive a seq2seq prior: generate only where the file has them
+        frames = min(frames, len(tokens) - heard)
+    discrete = index["quantizer"] == "none"
+    panels, sounds = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step)
+        for name, primer in (("primed", tokens[:heard]), ("unprimed", None)):
+            stream = models.StreamingPrior(model, discrete).cpu()
+            start = 0
+            if primer is not None:  # listen to the file's first frames, then go on
+                stream(stream.dequantize(primer.cpu())[None], features[None, :heard].cpu() if model.n_features else None,
+                       True, 1.0)
+                start = heard
+            cond = features[None, start:start + frames].cpu() if model.n_features else None
+            latents, _ = stream(torch.zeros(1, frames, model.n_streams), cond, False, 1.0)  # (1, frames, Q)
+            shown = torch.cat([stream.dequantize(primer.cpu()), latents[0]]) if primer is not None else latents[0]
+            panels.append((f"{name}: " + (f"{heard} frames heard, then generated" if primer is not None
+                                          else "generated from an all-zero frame"), shown.numpy()))
+            if decoder is not None:
+                sounds.append((name, models.decode_latents(decoder, latents.transpose(1, 2))[0, 0]))
+    writer.add_figure("generated/latents", data.latent_figure(panels, sr / ratio), step)
+    for name, audio in sounds:
+        writer.add_audio(f"generated/{name}", (audio / audio.abs().max().clamp(min=1.0)).unsqueeze(0), step,
+                         sample_rate=sr)
+
+
+def print_check(model, index, split, train_set, valid_set, db_path, baselines):
     """What +check=1 prints: the model and the dataset."""
     n_streams, resolution = index["model"]["latent_dim"], index["resolution"]
     frame_rate = index["model"]["sample_rate"] / index["model"]["ratio"]
@@ -174,7 +237,8 @@ def print_check(model, index, split, train_set, valid_set, db_path, baseline):
           f"({index['quantizer']}), {frame_rate:.1f} frames/s, features {index.get('features') or 'none'}")
     print(f"train: {len(split['train'])} files, {len(train_set)} frames; "
           f"valid: {len(split['valid'])} files, {len(valid_set)} frames")
-    print(f"unigram baseline cross-entropy: {baseline:.3f} nats")
+    print(f"baselines on the validation files: unigram {baselines['unigram']:.3f}, first-order Markov chain "
+          f"{baselines['markov']:.3f} nats per token")
 
 
 def training_checkpoint(model, optimizer, step, stopper, config, prior_kwargs, index):
@@ -210,10 +274,12 @@ def main(argv=None):
     # ---- data: token sequences of the split's files, joined, on the device --------------------
     if resume_dir is not None:
         split = json.loads((resume_dir / "split.json").read_text())
-    else:
-        train_keys, valid_keys = data.split_files([f["key"] for f in index["files"]],
-                                                  config["data"]["valid_fraction"], tc["seed"])
-        split = {"seed": tc["seed"], "train": train_keys, "valid": valid_keys}
+    else:  # by file: every pitch-shifted copy of a training file trains, validation reads originals only
+        originals = sorted({f["file"] for f in index["files"]})
+        train_files, valid_files = data.split_files(originals, config["data"]["valid_fraction"], tc["seed"])
+        train_files = set(train_files)
+        split = {"seed": tc["seed"], "train": [f["key"] for f in index["files"] if f["file"] in train_files],
+                 "valid": [f["key"] for f in index["files"] if f["file"] not in train_files and not f.get("shift")]}
     train_set = data.LatentSequences(db_path, index, split["train"]).to(device)
     valid_set = data.LatentSequences(db_path, index, split["valid"]).to(device)
     resolution, n_streams = index["resolution"], index["model"]["latent_dim"]
@@ -221,19 +287,26 @@ def main(argv=None):
     if len(train_set) < crop + 1:
         raise UserError(f"{db_path}: the training files hold {len(train_set)} frames, fewer than one crop "
                         f"of {crop + 1}: set data.crop={max(len(train_set) - 1, 1)} or add audio")
-    baseline = train_set.unigram_cross_entropy(valid_set if len(valid_set) else train_set, resolution)
+    # what the prior must beat on the validation files: the unigram and "the next frame looks like this one"
+    baselines = train_set.baseline_cross_entropies(valid_set if len(valid_set) else train_set)
 
     # ---- model and optimizer, fresh or from last.pt ------------------------------------------
+    if config["model"]["markov_head"] and resolution > MARKOV_HEAD_MAX_RESOLUTION:
+        print0(f"note: model.markov_head is off: its table would hold {n_streams} x {resolution}² entries "
+               f"(resolution > {MARKOV_HEAD_MAX_RESOLUTION})", file=sys.stderr)
+        config["model"]["markov_head"] = 0
     n_features = len(index.get("features") or []) if config["model"]["backbone"] == "seq2seq" else 0
     prior_kwargs = models.prior_config_kwargs(config, n_streams, resolution, n_features)
     model = models.LatentPrior(**prior_kwargs).to(device)
     if config["check"]:
         if dist_info.is_main:
-            print_check(model, index, split, train_set, valid_set, db_path, baseline)
+            print_check(model, index, split, train_set, valid_set, db_path, baselines)
         data.cleanup_distributed()
         sys.exit(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
-                                  weight_decay=tc["weight_decay"])
+    # the Markov table holds log-probabilities: weight decay would only flatten them
+    decayed = [p for name, p in model.named_parameters() if name != "head.transition"]
+    optimizer = torch.optim.AdamW([{"params": decayed}, {"params": [model.head.transition], "weight_decay": 0.0}],
+                                  lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
     step, stopper = 0, data.EarlyStopping(tc["patience"])
     if n_features:  # feature normalisation statistics of the training set, stored in the model
         model.feature_mean.copy_(train_set.features.mean(0))
@@ -247,6 +320,10 @@ def main(argv=None):
         run_dir = resume_dir
         torch.manual_seed(tc["seed"] + step + dist_info.rank)
     else:
+        if model.head.markov:  # start as the training set's Markov chain, the rest of the head nearly silent
+            with torch.no_grad():
+                model.head.transition.copy_(train_set.markov_log_probs().to(device))
+                model.head.out_weight.mul_(0.1)  # (zero would hold the backbone's gradients back at first)
         if config["pretrained_embedding"]:
             codebook = load_codebook(config["pretrained_embedding"], n_streams, resolution)
             if codebook is None:
@@ -258,9 +335,12 @@ def main(argv=None):
         run_dir = data.start_run(Path(config["rundir"]) / config["name"], config, split)  # made by rank 0
     print0(f"run {run_dir}: {len(train_set)} training frames ({len(split['train'])} files), {len(valid_set)} "
            f"validation frames, {n_streams} streams x {resolution} tokens, "
-           f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}; unigram baseline {baseline:.3f} nats")
+           f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}\n"
+           f"baselines on the validation files: unigram {baselines['unigram']:.3f}, first-order Markov chain "
+           f"{baselines['markov']:.3f} nats per token (a prior must beat the Markov chain to have learned anything)")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(log_dir=str(run_dir)) if dist_info.is_main else None
+    decoder = load_decoder(config, index, n_streams) if dist_info.is_main and tc["listen_seconds"] > 0 else None
 
     # ---- GPU options: mixed precision, torch.compile; DDP over several processes ----------------
     autocast, scaler = data.mixed_precision(tc["amp"], device)
@@ -277,6 +357,7 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(tc["seed"] + step + 1_000_003 * dist_info.rank)
     last_log, frames_seen, t0 = time.time(), 0, time.time()
     start_step, max_steps = step, tc["max_steps"]
+    jitter = config["data"]["jitter"]
     model.train()
     try:
         while step < max_steps:
@@ -285,7 +366,9 @@ def main(argv=None):
                 group["lr"] = lr
             tokens, features = train_set.random_crops(tc["batch_size"], crop + 1, generator)  # (batch, crop + 1, Q)
             with autocast:
-                loss, logits, targets = models.next_frame_loss(train_model, tokens, features if n_features else None)
+                jittered = models.jitter_tokens(tokens[:, :-1], jitter, resolution) if jitter else None
+                loss, logits, targets = models.next_frame_loss(train_model, tokens, features if n_features else None,
+                                                               jittered)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # DDP averages the gradients of every rank here
             if tc["grad_clip"]:
@@ -295,6 +378,9 @@ def main(argv=None):
             scaler.update()
             step += 1
             frames_seen += tokens.shape[0] * crop * dist_info.world_size
+            if tc["max_minutes"] and step % tc["log_every"] == 0:  # the time budget, decided on rank 0
+                if data.broadcast_object(time.time() - t0 > 60 * tc["max_minutes"]):
+                    max_steps = step  # this step logs, validates and checkpoints as the last one
 
             if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
                 metrics = {k: float(v) for k, v in token_metrics(logits.detach(), targets, tc["top_k"]).items()}
@@ -303,6 +389,8 @@ def main(argv=None):
                     writer.add_scalar(f"train/{k}", v, step)
                 now = time.time()
                 eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
+                if tc["max_minutes"]:
+                    eta = min(eta, 60 * tc["max_minutes"] - (now - t0))
                 print(f"step {step}/{max_steps} cross-entropy {metrics['cross_entropy']:.4f} "
                       f"top1 {metrics['top1']:.3f} lr {lr:.2e} | {frames_seen / (now - last_log):,.0f} frames/s | "
                       f"ETA {eta / 60:.1f} min", flush=True)
@@ -312,16 +400,20 @@ def main(argv=None):
                 if dist_info.is_main:  # the plain model under no_grad, no collective
                     metrics = evaluate(model, valid_set, config)  # {} without validation frames
                     improved = bool(metrics) and stopper.update(metrics["cross_entropy"])
-                    for k, v in dict(metrics, unigram_baseline=baseline).items():
+                    for k, v in metrics.items():
                         writer.add_scalar(f"valid/{k}", v, step)
+                    for k, v in baselines.items():
+                        writer.add_scalar(f"valid/{k}_baseline", v, step)
+                    if tc["listen_seconds"] > 0:
+                        log_generations(writer, model, valid_set, index, decoder, step, tc["listen_seconds"])
                     checkpoint = training_checkpoint(model, optimizer, step, stopper, config, prior_kwargs, index)
                     data.save_checkpoint(run_dir / "last.pt", checkpoint)
                     if improved:
                         data.save_checkpoint(run_dir / "best.pt", checkpoint)
                     if metrics:
-                        print(f"  validation at step {step}: cross-entropy {metrics['cross_entropy']:.4f} (unigram "
-                              f"{baseline:.4f}) top1 {metrics['top1']:.3f} perplexity {metrics['perplexity']:.2f}"
-                              f"{' (best)' if improved else ''}")
+                        print(f"  validation at step {step}: cross-entropy {metrics['cross_entropy']:.4f} "
+                              f"({metrics['cross_entropy'] / baselines['markov']:.2f} x Markov) top1 {metrics['top1']:.3f} "
+                              f"perplexity {metrics['perplexity']:.2f}{' (best)' if improved else ''}")
                 if data.broadcast_object(stopper.should_stop):  # rank 0's decision: every rank stops here
                     print0(f"early stop: no lower validation cross-entropy in {tc['patience']} validations")
                     break
@@ -334,7 +426,8 @@ def main(argv=None):
     if dist_info.is_main:
         writer.close()
     data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
-    print0(f"done: {run_dir} (best validation cross-entropy {stopper.best:.4f}, unigram baseline {baseline:.4f})")
+    print0(f"done: {run_dir} (best validation cross-entropy {stopper.best:.4f}; baselines: unigram "
+           f"{baselines['unigram']:.4f}, Markov {baselines['markov']:.4f})")
     return run_dir
 
 

@@ -61,6 +61,7 @@ DEFAULTS = {
         "lr": 1e-3,                      # used as given: not scaled with the number of processes
         "max_epochs": None,              # stop after this many passes over the training frames ...
         "max_steps": 20000,              # ... or this many optimizer steps, whichever comes first
+        "max_minutes": None,             # ... or this much training time (checked every log_every steps)
         "seed": 0,
         "device": "auto",                # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
         "num_threads": None,             # CPU threads for torch (default: torch's choice)
@@ -81,6 +82,7 @@ RANGES = {  # numbers out of these ranges are refused, naming the key (data.chec
     "data.transform.sr": ">= 1", "data.dataset.n_files": ">= 1", "data.valid_fraction": "[0, 1)",
     "data.augment.roll_p": "[0, 1]", "data.augment.gain_std": ">= 0", "model.latent_dim": ">= 1",
     "train.batch_size": ">= 1", "train.lr": ">= 0", "train.max_epochs": ">= 1", "train.max_steps": ">= 1",
+    "train.max_minutes": "> 0",
     "train.num_threads": ">= 1", "train.beta": ">= 0", "train.beta_warmup_steps": ">= 0",
     "train.free_bits": ">= 0", "train.log_magnitude_weight": ">= 0", "train.predictor_weight": ">= 0",
     "train.log_every": ">= 1", "train.val_every": ">= 1", "train.patience": ">= 0"}
@@ -396,6 +398,9 @@ def main(argv=None):
             if batch_in_epoch == steps_per_epoch:  # the epoch is done: a new order for the next one
                 epoch, batch_in_epoch = epoch + 1, 0
                 order = data.shard_indices(len(train_set), epoch, tc["seed"], device)
+            if tc["max_minutes"] and step % tc["log_every"] == 0:  # the time budget, decided on rank 0
+                if data.broadcast_object(time.time() - t0 > 60 * tc["max_minutes"]):
+                    max_steps = step  # this step logs, validates and checkpoints as the last one
 
             if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):
                 scalars = host_scalars(losses)  # the only host sync of the step, at log time
@@ -403,6 +408,8 @@ def main(argv=None):
                     writer.add_scalar(f"train/{k}", v, step)
                 now = time.time()
                 eta = (max_steps - step) * (now - t0) / max(step - start_step, 1)
+                if tc["max_minutes"]:
+                    eta = min(eta, 60 * tc["max_minutes"] - (now - t0))
                 print(f"step {step}/{max_steps} epoch {epoch} loss {scalars['loss']:.4f} "
                       f"sc {scalars['sc']:.4f} kl {scalars['kl']:.2f} | "
                       f"{frames_seen / (now - last_log):,.0f} frames/s | ETA {eta / 60:.1f} min", flush=True)

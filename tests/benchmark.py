@@ -585,8 +585,105 @@ def bench_prior_export(results, workdir=None, buffer=4096, threads=1):
     return results
 
 
+# ---- the prior on real instruments ----------------------------------------------------------------
+
+REAL_PRIOR = {"minutes": 10.0, "threads": 2, "vae": None, "vae_minutes": 10.0,
+              "configs": ["decoder_only", "recurrent", "encoder_decoder_continuous", "decoder_only_large"]}
+
+
+def _real_instruments_vae(workdir, root, train_files):
+    """The VAE whose latents the prior learns: --vae FILE, or the real_vae section's export when it ran
+    in this workdir, or dgt_normal trained here on the training files for REAL_PRIOR["vae_minutes"]."""
+    if REAL_PRIOR["vae"]:
+        return Path(REAL_PRIOR["vae"])
+    for made in sorted((workdir / "real_vae").glob("*.ts")):
+        return made
+    train_root = workdir / "real_prior_train_audio"  # the training files only (links)
+    for key in train_files:
+        target = train_root / key
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((root / key).resolve())
+    run = train_vae.main(["--config", "dgt_normal", "name=real_prior_vae", f"rundir={workdir / 'runs'}",
+                          f"+data.dataset.root={train_root}", "train.max_steps=1000000", "train.val_every=1000",
+                          f"train.max_minutes={REAL_PRIOR['vae_minutes']}", f"train.num_threads={REAL_PRIOR['threads']}",
+                          "train.device=cpu"])
+    return script.export(run, workdir / "real_prior_vae", force=True, verbose=False)
+
+
+def _validation_curve(run_dir):
+    """[(minutes since the first training step, validation cross-entropy)] from a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    start = events.Scalars("train/cross_entropy")[0].wall_time if events.Scalars("train/cross_entropy") else None
+    points = events.Scalars("valid/cross_entropy")
+    start = start or points[0].wall_time
+    return [((p.wall_time - start) / 60, p.value) for p in points]
+
+
+def bench_real_prior(results, workdir):
+    """The prior on latent sequences of real instruments (tests/real_instruments.py: notes over each
+    instrument's range and melodies, encoded by a VAE trained on them): each config of
+    REAL_PRIOR["configs"] trained for REAL_PRIOR["minutes"] on REAL_PRIOR["threads"] CPU threads, its
+    validation cross-entropy against minutes beside the unigram and first-order Markov baselines on
+    the same held-out files (each file on its own), and the exported model's generation speed."""
+    import real_instruments
+    import preprocess
+    reason = real_instruments.missing_reason()
+    if reason:
+        table("prior on real instruments", [("skipped", reason)])
+        return
+    torch.set_num_threads(REAL_PRIOR["threads"])
+    root = workdir / "real_instruments"
+    real_instruments.render_dataset(root)
+    train_files, _ = real_instruments.split(root)
+    vae_ts = _real_instruments_vae(workdir, root, train_files)
+    rows = [("VAE", str(vae_ts))]
+    needed = {False: any(c != "encoder_decoder_continuous" for c in REAL_PRIOR["configs"]),
+              True: "encoder_decoder_continuous" in REAL_PRIOR["configs"]}  # with loudness/f0 features
+    for features, wanted in needed.items():
+        db = workdir / ("real_prior_db_features" if features else "real_prior_db")
+        if wanted and not (db / "index.json").exists():
+            preprocess.main(["--audio", str(root / "data"), "--out", str(db), "--model", str(vae_ts),
+                             "--threads", str(REAL_PRIOR["threads"])] + (["--features", "loudness,f0"] if features else []))
+    for name in REAL_PRIOR["configs"]:
+        features = name == "encoder_decoder_continuous"
+        db = workdir / ("real_prior_db_features" if features else "real_prior_db")
+        run = train_prior.main(["--config", name, "--db_path", str(db), "--name", f"real_{name}",
+                                f"rundir={workdir / 'runs'}", f"train.max_minutes={REAL_PRIOR['minutes']}",
+                                "train.max_steps=10000000", f"train.num_threads={REAL_PRIOR['threads']}",
+                                "train.device=cpu", "train.patience=0", "--model", str(vae_ts)])
+        index = data.read_latent_index(db)
+        split = json.loads((run / "split.json").read_text())
+        baselines = data.LatentSequences(db, index, split["train"]).baseline_cross_entropies(
+            data.LatentSequences(db, index, split["valid"]))
+        curve = _validation_curve(run)
+        best = min(ce for _, ce in curve)
+        results[f"real_prior/{name}"] = {"baselines": baselines, "curve_minutes_ce": curve, "best": best,
+                                         "best_over_markov": best / baselines["markov"]}
+        rows.append((f"{name}: baselines", f"unigram {baselines['unigram']:.3f}, Markov {baselines['markov']:.3f} nats"))
+        shown = curve if len(curve) <= 12 else [curve[i * (len(curve) - 1) // 11] for i in range(12)]
+        rows.append((f"{name}: CE at minutes", "  ".join(f"{m:.1f}:{ce:.3f}" for m, ce in shown)))
+        rows.append((f"{name}: best", f"{best:.3f} nats = {best / baselines['markov']:.2f} x Markov"))
+        prior, checkpoint = models.load_prior(run / "best.pt")
+        module = script.NnPrior(prior, checkpoint["dataset"])
+        frames = 4096 // checkpoint["dataset"]["model"]["ratio"]
+        kwargs = {"n_streams": prior.n_streams, "n_features": prior.n_features}
+        torch.set_num_threads(1)
+        scripted = torch.jit.script(module)
+        scripted.set_listen("false")
+        seconds = _seconds_per_call(scripted, "forward", _prior_inputs(kwargs, frames), repeats=3, calls=20,
+                                    warmup=prior.context // frames + 1)
+        torch.set_num_threads(REAL_PRIOR["threads"])
+        rtf = 4096 / checkpoint["dataset"]["model"]["sample_rate"] / seconds
+        results[f"real_prior/{name}"]["generate_rtf_1thread_buffer4096"] = rtf
+        rows.append((f"{name}: export", f"generates {rtf:.1f}x real time (1 thread, buffer 4096)"))
+    table(f"prior on real instruments ({REAL_PRIOR['minutes']:g} min per config, {REAL_PRIOR['threads']} threads)", rows)
+
+
 SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export,
-            "distributed": bench_distributed, "prior": bench_prior, "prior_export": bench_prior_export}
+            "distributed": bench_distributed, "prior": bench_prior, "prior_export": bench_prior_export,
+            "real_prior": bench_real_prior}
 
 
 def main():
@@ -594,7 +691,13 @@ def main():
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="sections to run (default: all)")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--workdir", help="where to put synthetic data and runs (default: a temporary folder)")
+    parser.add_argument("--prior_minutes", type=float, default=REAL_PRIOR["minutes"],
+                        help="real_prior: training minutes per config (default 10; the issue's second target is 60)")
+    parser.add_argument("--prior_configs", nargs="*", default=REAL_PRIOR["configs"], help="real_prior: configs to train")
+    parser.add_argument("--vae", help="real_prior: the VAE .ts whose latents the prior learns (default: the real_vae "
+                                      "section's, or one trained here)")
     args = parser.parse_args()
+    REAL_PRIOR.update(minutes=args.prior_minutes, configs=args.prior_configs, vae=args.vae)
     results = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

@@ -116,7 +116,8 @@ def make_run(root, conditioning=None, prediction=None, hop=HOP, name="fake", ver
 
 TINY_PRIOR = ["model.dim=32", "model.layers=2", "model.heads=2", "model.ffn_dim=64", "model.context=16",
               "model.encoder_layers=1", "model.dropout=0.0", "data.crop=24", "train.batch_size=16",
-              "train.warmup_steps=20", "train.log_every=50", "train.num_threads=2", "train.device=cpu"]
+              "train.warmup_steps=20", "train.log_every=50", "train.num_threads=2", "train.device=cpu",
+              "train.listen_seconds=0.25"]
 
 
 def write_latent_db(root, n_files=6, frames=300, n_streams=3, resolution=16, features=False, seed=0,

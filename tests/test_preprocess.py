@@ -341,3 +341,34 @@ def test_unreadable_file_is_skipped(rave_like, tmp_path):
     assert "warning" in err and "x.wav" in err and "skipped 1 unreadable" in err
     index, entries = read_db(db)
     assert sorted(entries) == ["a.wav", "c.wav"]
+
+
+def test_pitch_shifted_copies_are_encoded_beside_each_file(demo_root, tmp_path):
+    """--pitch_shifts=-1,2: each file also encoded played a semitone lower and two higher (resampled:
+    longer and shorter), marked with its shift; rerunning skips them; other shifts are refused."""
+    make_run(tmp_path)
+    ts = script.export(tmp_path / "fake", verbose=False)
+    db = tmp_path / "db"
+    args = ["--audio", str(demo_root / "data"), "--out", str(db), "--model", str(ts), "--pitch_shifts=-1,2"]
+    preprocess.main(args)
+    index = json.loads((db / "index.json").read_text())
+    assert index["shifts"] == [-1, 2] and len(index["files"]) == 27
+    by_file = {}
+    for entry in index["files"]:
+        by_file.setdefault(entry["file"], {})[entry["shift"]] = entry["frames"]
+    for frames in by_file.values():
+        assert sorted(frames) == [-1, 0, 2]
+        assert frames[-1] == pytest.approx(frames[0] * 2 ** (1 / 12), abs=2)  # a semitone lower lasts longer
+        assert frames[2] == pytest.approx(frames[0] / 2 ** (2 / 12), abs=2)
+    assert "encoded 0 new file(s)" in run_script("preprocess.py", *args)[1]
+    code, _, err = run_script("preprocess.py", *args[:-1], "--pitch_shifts=1")
+    assert code == 2 and "pitch shifts [-1, 2]" in err
+
+
+def test_pitch_shift_means_pitch(tmp_path):
+    t = torch.arange(SR) / SR
+    tone = torch.sin(2 * math.pi * 440 * t)
+    for semitones in (-2, 1):
+        shifted = preprocess.pitch_shifted(tone, semitones, SR)
+        spectrum = torch.fft.rfft(shifted[:8192] * torch.hann_window(8192)).abs()
+        assert spectrum.argmax().item() * SR / 8192 == pytest.approx(440 * 2 ** (semitones / 12), rel=0.01)

@@ -20,11 +20,14 @@ def feature_db(tmp_path_factory):
     return write_latent_db(tmp_path_factory.mktemp("feature_db"), features=True)
 
 
-def tiny_prior(backbone, n_streams=3, resolution=16, context=8, seed=0):
+def tiny_prior(backbone, n_streams=3, resolution=16, context=8, seed=0, markov_head=False):
     torch.manual_seed(seed)
-    return models.LatentPrior(n_streams, resolution, backbone, dim=32, layers=2, heads=4, ffn_dim=64,
-                              context=context, dropout=0.0, n_features=2 if backbone == "seq2seq" else 0,
-                              encoder_layers=1).eval()
+    model = models.LatentPrior(n_streams, resolution, backbone, dim=32, layers=2, heads=4, ffn_dim=64,
+                               context=context, dropout=0.0, n_features=2 if backbone == "seq2seq" else 0,
+                               encoder_layers=1, markov_head=markov_head).eval()
+    with torch.no_grad():
+        model.head.transition.normal_()  # a table that changes the logits (it starts at zero)
+    return model
 
 
 def random_features(backbone, batch, frames):
@@ -88,10 +91,12 @@ def test_attention_window_limits_what_a_frame_sees():
     assert not torch.allclose(h[:, 20], h_near[:, 20], atol=1e-4)
 
 
-def test_coarse_to_fine_head_teacher_forcing():
+@pytest.mark.parametrize("markov_head", [False, True])
+def test_coarse_to_fine_head_teacher_forcing(markov_head):
     """Training logits of stream q see the true tokens of streams < q of the same frame and nothing
-    else of that frame; sampling with the same tokens given reproduces them."""
-    model = tiny_prior("transformer")
+    else of that frame; sampling with the same tokens given reproduces them (with the Markov table,
+    the previous frame's tokens too)."""
+    model = tiny_prior("transformer", markov_head=markov_head)
     tokens = torch.randint(0, 16, (2, 12, 3))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     with torch.no_grad():
@@ -99,7 +104,7 @@ def test_coarse_to_fine_head_teacher_forcing():
         h, _ = model.hidden(inputs, None, model.init_state(2))
         table = model.head.film_table()
         for t in (0, 5, 10):
-            _, sampled_logits = model.head.sample(h[:, t], 1.0, table, targets[:, t])
+            _, sampled_logits = model.head.sample(h[:, t], 1.0, table, inputs[:, t], targets[:, t])
             assert torch.allclose(sampled_logits, logits[:, t], atol=1e-5)
         changed = targets.clone()
         changed[:, :, 1] = (changed[:, :, 1] + 1) % 16  # stream 1's target
@@ -113,8 +118,9 @@ def test_sampling_at_temperature_zero_is_argmax_and_perplexity_is_at_least_one()
     h = torch.randn(4, 32)
     table = model.head.film_table()
     with torch.no_grad():
-        tokens, logits = model.head.sample(h, 0.0, table)
-        again, _ = model.head.sample(h, 0.0, table)
+        previous = torch.randint(0, 16, (4, 3))
+        tokens, logits = model.head.sample(h, 0.0, table, previous)
+        again, _ = model.head.sample(h, 0.0, table, previous)
     assert torch.equal(tokens, again)
     assert torch.equal(tokens[:, 0], logits[:, 0].argmax(-1))
     ppl = models.perplexity(logits)
@@ -140,16 +146,18 @@ def train(db, tmp_path, *overrides, config="decoder_only"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["decoder_only", "recurrent"])
-def test_training_brings_validation_cross_entropy_well_below_the_unigram_baseline(latent_db, tmp_path, config):
+def test_training_brings_validation_cross_entropy_below_the_markov_chain(latent_db, tmp_path, config):
+    """Stream 0 counts up (10 % jumps), streams 1, 2 repeat it shifted: a Markov chain per stream
+    knows "+1" but not the jumps; a prior that reads stream 0 before streams 1, 2 knows them too."""
     run_dir = train(latent_db, tmp_path, "train.max_steps=300", "train.val_every=300", config=config)
     checkpoint = data.load_checkpoint(run_dir / "best.pt")
     index = data.read_latent_index(latent_db)
     split = json.loads((run_dir / "split.json").read_text())
     train_set = data.LatentSequences(latent_db, index, split["train"])
     valid_set = data.LatentSequences(latent_db, index, split["valid"])
-    baseline = train_set.unigram_cross_entropy(valid_set, 16)
-    assert baseline > 2.5  # near log(16): the frequencies alone say little
-    assert checkpoint["best_val"] < 0.6 * baseline, (checkpoint["best_val"], baseline)
+    baselines = train_set.baseline_cross_entropies(valid_set)
+    assert baselines["unigram"] > 2.5 and baselines["markov"] < 0.8  # frequencies say little, "+1" a lot
+    assert checkpoint["best_val"] < 0.75 * baselines["markov"], (checkpoint["best_val"], baselines)
     assert checkpoint["dataset"]["resolution"] == 16 and checkpoint["dataset"]["quantizer"] == "normal_cdf"
     model, _ = models.load_prior(run_dir / "best.pt")
     assert model.n_streams == 3 and model.resolution == 16
@@ -159,7 +167,7 @@ def test_training_brings_validation_cross_entropy_well_below_the_unigram_baselin
 def test_seq2seq_training_uses_the_conditioning_features(feature_db, tmp_path):
     """Stream 0 steps by 1 or 5 at random and only the features say which: without them no model
     does better than ln 2 / 3 streams = 0.231 nats per token; the conditioned model must."""
-    run_dir = train(feature_db, tmp_path, "train.max_steps=300", "train.val_every=300", "train.lr=0.003",
+    run_dir = train(feature_db, tmp_path, "train.max_steps=400", "train.val_every=400", "train.lr=0.003",
                     config="encoder_decoder_continuous")
     best = data.load_checkpoint(run_dir / "best.pt")["best_val"]
     assert best < 0.8 * np.log(2) / 3, best
@@ -229,3 +237,58 @@ def test_bad_input_gives_one_clear_message(latent_db, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, db=latent_db) for a in args]
     code, out, err = run_script("train_prior.py", "--name", "p", f"rundir={tmp_path}", *args)
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_markov_baseline_counts_transitions_inside_files_only(tmp_path):
+    """Two files whose last/first frames would make a transition never seen inside a file."""
+    db = write_latent_db(tmp_path / "db", n_files=2, frames=50, n_streams=1, resolution=4)
+    index = data.read_latent_index(db)
+    files = data.LatentSequences(db, index, [f["key"] for f in index["files"]])
+    log_p = files.markov_log_probs(smoothing=0.1)  # (1, 4, 4)
+    counts = torch.zeros(4, 4)
+    for tokens, _ in files.files():
+        for a, b in zip(tokens[:-1, 0].tolist(), tokens[1:, 0].tolist()):
+            counts[a, b] += 1
+    expected = ((counts + 0.1) / (counts + 0.1).sum(1, keepdim=True)).log()
+    assert torch.allclose(log_p[0], expected, atol=1e-6)
+    ce = files.baseline_cross_entropies(files)["markov"]
+    manual = -float((expected * counts).sum() / counts.sum())  # mean log-probability of every transition
+    assert ce == pytest.approx(manual, rel=1e-6)
+
+
+def test_markov_head_starts_as_the_markov_chain(latent_db, tmp_path):
+    """Trained for one step at lr 0, the prior's validation cross-entropy is the Markov chain's (within
+    the small random output layer it starts with)."""
+    run_dir = train(latent_db, tmp_path, "train.max_steps=1", "train.val_every=1", "train.lr=0")
+    index = data.read_latent_index(latent_db)
+    split = json.loads((run_dir / "split.json").read_text())
+    baselines = data.LatentSequences(latent_db, index, split["train"]).baseline_cross_entropies(
+        data.LatentSequences(latent_db, index, split["valid"]))
+    assert data.load_checkpoint(run_dir / "last.pt")["best_val"] == pytest.approx(baselines["markov"], rel=0.02)
+
+
+def test_a_time_budget_stops_the_prior_at_the_next_log_step(latent_db, tmp_path):
+    run_dir = train(latent_db, tmp_path, "train.max_minutes=1e-6", "train.log_every=5", "train.max_steps=1000",
+                    "train.val_every=1000")
+    assert data.load_checkpoint(run_dir / "last.pt")["step"] == 5 and (run_dir / "best.pt").exists()
+
+
+def test_pitch_shifted_copies_train_and_never_validate(tmp_path):
+    """A file's shifted copies go where the file goes: training, or nowhere (validation reads originals)."""
+    db = write_latent_db(tmp_path / "db", n_files=10, frames=60)
+    index = json.loads((db / "index.json").read_text())
+    copies = []
+    for entry in index["files"]:
+        entry["shift"] = 0
+        key = entry["key"] + "__shift+1"
+        np.save(db / "tokens" / f"{key}.npy", np.load(db / "tokens" / f"{entry['key']}.npy"))
+        copies.append(dict(entry, key=key, shift=1))
+    index["files"] += copies
+    index["shifts"] = [1]
+    (db / "index.json").write_text(json.dumps(index))
+    run_dir = train(db, tmp_path, "train.max_steps=2", "train.val_every=2", "data.valid_fraction=0.2")
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["valid"]) == 2 and not any("shift" in key for key in split["valid"])
+    assert len(split["train"]) == 16
+    valid_originals = {key for key in split["valid"]}
+    assert not any(key.replace("__shift+1", "") in valid_originals for key in split["train"])

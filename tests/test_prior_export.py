@@ -261,3 +261,21 @@ def test_export_cli(chain, tmp_path):
     assert code == 2 and "not a prior checkpoint" in err and "Traceback" not in err
     code, out, err = run_script("script.py", "--run", run, "--model", vae_ts)
     assert code == 2 and "--prior" in err
+
+
+def test_training_lets_you_hear_the_prior(chain, tmp_path, capsys):
+    """At each validation the prior generates (primed and unprimed) as its export does; with the
+    dataset's model at hand the audio goes to TensorBoard, without it the latents alone, said once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    vae_ts, run, _, _ = chain
+    db = run.parent / "db"
+    for extra, with_audio in (([], False), (["--model", str(vae_ts)], True)):
+        run_dir = train_prior.main(["--db_path", str(db), "--name", "hear", f"rundir={tmp_path}", *TINY_PRIOR,
+                                    "train.max_steps=4", "train.val_every=2", *extra])
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "audio": 0}).Reload()
+        assert "generated/latents" in events.Tags()["images"]
+        assert len(events.Images("generated/latents")) == 2  # one per validation
+        audio = events.Tags()["audio"]
+        assert ("generated/primed" in audio and "generated/unprimed" in audio) == with_audio
+        err = capsys.readouterr().err
+        assert err.count("no decoder for the generated latents") == (0 if with_audio else 1), err

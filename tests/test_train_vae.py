@@ -193,3 +193,10 @@ def test_a_number_out_of_range_is_refused_naming_the_key(demo_root, tmp_path, ov
     with pytest.raises(data.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         train(demo_root, tmp_path, override)
     assert not (tmp_path / "t").exists()  # no run folder was made
+
+
+def test_a_time_budget_stops_training_at_the_next_log_step_with_a_checkpoint(demo_root, tmp_path):
+    run_dir = train(demo_root, tmp_path, "train.max_minutes=1e-6", "train.log_every=5", "train.max_steps=1000",
+                    "train.val_every=1000")
+    checkpoint = data.load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["step"] == 5 and (run_dir / "best.pt").exists()  # validated as the last step
