@@ -118,9 +118,10 @@ def check_labels_available(model, fixed):
                             f"give it with --label {task}=VALUE")
 
 
-def decoder_labels(model, z, fixed):
-    """Labels for decoding latent frames z (frames, latent): fixed ones, else predicted."""
-    logits = model.predict(z)
+def decoder_labels(model, z, fixed, features=None):
+    """Labels for decoding latent frames z (frames, latent): fixed ones, else predicted (from z and,
+    when the frames were encoded from audio, the encoder's features)."""
+    logits = model.predict(z, features)
     labels = {}
     for task in model.task_dims:
         if task in fixed:
@@ -194,9 +195,10 @@ def reconstruct(model, config, args, fixed):
             continue
         x = model.normalize(mag)  # (frames, bins)
         enc_labels = {k: torch.full((x.shape[0],), v, dtype=torch.long) for k, v in fixed.items()}
-        mean, logvar = model.encode(x, enc_labels)
+        mean, logvar, features = model.encode_conditioned(x, model.embed(model.encoder_tasks, enc_labels,
+                                                                         x.shape[0], x.device))
         z = mean + args.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        x_hat = model.decode(z, decoder_labels(model, z, fixed))
+        x_hat = model.decode(z, decoder_labels(model, mean, fixed, features))
         data.save_audio(out_dir / rel, to_audio(model, x_hat, config, args), args.sr or t["sr"])
         written += 1
     print(f"wrote {written} file(s) to {out_dir}" + (f"; {len(failed)} failed" if failed else ""))

@@ -42,7 +42,16 @@ CENTS_PER_BIN = 20
 CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0, as torchcrepe
 CREPE_FMIN = 10 * 2 ** (CENTS_OFFSET / 1200)  # 31.7 Hz
 CREPE_FMAX = 2006.0
-PITCH_FMIN, PITCH_FMAX = 50.0, 1000.0  # the default search range (extract_pitch.py, preprocess.py)
+# Crepe hears 31.7..2006 Hz and, with a 64 ms window, takes harmonics of low notes for their pitch.
+# Each file is analysed twice, played at half and at double speed (resampled, as a tape), and each
+# frame keeps the more confident of the two: together they cover 15.9..4012 Hz, all of C1..B7, and
+# a low note played an octave up fills the window with twice the periods. On 116 notes of six
+# General MIDI instruments over their ranges (tests/benchmark.py --only real_pitch) this took the
+# notes labelled right from 79% (one pass, 50..1000 Hz) to 99%.
+PITCH_SPEEDS = (0.5, 2.0)
+# what the passes can hear, 16 Hz (C0, octave 0; crepe stops at 15.9) .. 4012 Hz (B7, octave 7)
+PITCH_RANGE_FMIN, PITCH_RANGE_FMAX = 16.0, CREPE_FMAX / min(PITCH_SPEEDS)
+PITCH_FMIN, PITCH_FMAX = 31.0, 4000.0  # the default search range (extract_pitch.py, preprocess.py): C1..B7
 PITCH_THRESHOLD, PITCH_SILENCE_DB = 0.5, -60.0  # unvoiced under this periodicity / frame level
 CREPE_STEP_S = 0.010  # crepe runs every max(frame spacing, 10 ms)
 
@@ -150,25 +159,40 @@ def decode_salience(salience, fmin, fmax, decoder):
 
 def f0_at_frames(audio16, centres_s, forward, fmin=PITCH_FMIN, fmax=PITCH_FMAX, threshold=PITCH_THRESHOLD,
                  silence_db=PITCH_SILENCE_DB, crepe_step_s=CREPE_STEP_S, decoder="viterbi", batch_size=1024,
-                 device="cpu"):
+                 device="cpu", speeds=PITCH_SPEEDS):
     """f0 in Hz at the given frame centres (seconds), NaN where unvoiced, from 16 kHz audio.
 
-    Crepe runs every max(spacing of the centres, crepe_step_s) (crepe frame k centred at k·step);
-    a frame takes the voicing of the nearest crepe frame and log-f0 interpolated between the two
-    crepe frames around it when both are voiced (else the nearest one's f0). A frame is unvoiced
-    when crepe's periodicity is under `threshold` or its level under `silence_db` dBFS."""
+    The audio is analysed once per speed of `speeds` (played that much faster, by resampling: pitch
+    × speed), each pass searching fmin..fmax (within crepe's range at that speed); every frame keeps
+    the pass whose periodicity is highest there. In a pass, crepe runs every max(spacing of the
+    centres, crepe_step_s) of the original time; a frame takes the voicing of the nearest crepe frame
+    and log-f0 interpolated between the two crepe frames around it when both are voiced (else the
+    nearest one's f0). A frame is unvoiced when the periodicity is under `threshold` or its level
+    under `silence_db` dBFS."""
+    import torchaudio  # imported on use, as torchcrepe
     centres_s = np.asarray(centres_s, dtype=np.float64)
     spacing = float(np.median(np.diff(centres_s))) if len(centres_s) > 1 else crepe_step_s
-    step = max(1, round(max(spacing, crepe_step_s) * CREPE_SR))
-    salience, rms_db = crepe_salience(audio16, step, forward, batch_size, device)
-    f0, periodicity = decode_salience(salience, fmin, fmax, decoder)
-    voiced = (periodicity >= threshold) & (rms_db >= silence_db)
-    position = (centres_s * CREPE_SR / step).clip(0, len(f0) - 1)  # frame centres in crepe frames
-    nearest = np.round(position).astype(np.int64)
-    below, above = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
-    interpolated = 2 ** np.interp(position, np.arange(len(f0)), np.log2(f0))
-    f0_at = np.where(voiced[below] & voiced[above], interpolated, f0[nearest])
-    return np.where(voiced[nearest], f0_at, np.nan)
+    best_f0 = np.full(len(centres_s), np.nan)
+    best_periodicity = np.full(len(centres_s), -1.0)
+    for speed in speeds:
+        lo, hi = max(fmin * speed, CREPE_FMIN), min(fmax * speed, CREPE_FMAX)
+        if lo >= hi:  # nothing of fmin..fmax is audible to crepe at this speed
+            continue
+        played = audio16 if speed == 1.0 else torchaudio.functional.resample(audio16, round(CREPE_SR * speed), CREPE_SR)
+        step = max(1, round(max(spacing, crepe_step_s) * CREPE_SR / speed))  # in samples of the played audio
+        salience, rms_db = crepe_salience(played, step, forward, batch_size, device)
+        f0, periodicity = decode_salience(salience, lo, hi, decoder)
+        f0 = f0 / speed
+        voiced = (periodicity >= threshold) & (rms_db >= silence_db)
+        position = (centres_s / speed * CREPE_SR / step).clip(0, len(f0) - 1)  # frame centres in crepe frames
+        nearest = np.round(position).astype(np.int64)
+        below, above = np.floor(position).astype(np.int64), np.ceil(position).astype(np.int64)
+        interpolated = 2 ** np.interp(position, np.arange(len(f0)), np.log2(f0))
+        f0_at = np.where(voiced[below] & voiced[above], interpolated, f0[nearest])
+        better = periodicity[nearest] > best_periodicity
+        best_f0 = np.where(better, np.where(voiced[nearest], f0_at, np.nan), best_f0)
+        best_periodicity = np.where(better, periodicity[nearest], best_periodicity)
+    return best_f0
 
 
 def pitch_classes(f0):
@@ -212,14 +236,22 @@ def mlp(sizes, final_activation=None):
 
 
 class MLPFrameEncoder(nn.Module):
-    """(batch, bins + cond) -> (batch, out_dim)."""
+    """(batch, bins + cond) -> (batch, out_dim), and the last hidden layer's features."""
 
     def __init__(self, in_dim, hidden, out_dim):
         super().__init__()
         self.net = mlp([in_dim] + list(hidden) + [out_dim])
+        self.feature_dim = list(hidden)[-1] if hidden else in_dim
 
     def forward(self, x, cond):
-        return self.net(torch.cat([x, cond], dim=-1))
+        """-> (output (batch, out_dim), features (batch, feature_dim): the input of the last layer)."""
+        h = torch.cat([x, cond], dim=-1)
+        last = len(self.net) - 1
+        for i, layer in enumerate(self.net):
+            if i == last:
+                return layer(h), h
+            h = layer(h)
+        return h, h  # unreachable: the MLP has at least one layer
 
 
 class MLPFrameDecoder(nn.Module):
@@ -249,12 +281,20 @@ class ConvFrameEncoder(nn.Module):
             length, c_in = conv_out_length(length, k, s), c_out
         self.conv = nn.Sequential(*layers)
         self.mlp = mlp([c_in * length, mlp_hidden, out_dim])
+        self.feature_dim = mlp_hidden
 
     def forward(self, x, cond):
+        """-> (output (batch, out_dim), features (batch, mlp_hidden): the input of the last layer)."""
         h = x.unsqueeze(1)  # (batch, 1, bins)
         if cond.shape[-1] > 0:
             h = torch.cat([h, cond.unsqueeze(-1).expand(-1, -1, x.shape[-1])], dim=1)
-        return self.mlp(self.conv(h).flatten(1))
+        h = self.conv(h).flatten(1)
+        last = len(self.mlp) - 1
+        for i, layer in enumerate(self.mlp):
+            if i == last:
+                return layer(h), h
+            h = layer(h)
+        return h, h  # unreachable: the MLP has at least one layer
 
 
 class ConvFrameDecoder(nn.Module):
@@ -283,14 +323,22 @@ class ConvFrameDecoder(nn.Module):
 
 
 class Predictor(nn.Module):
-    """Label predictor from the latent (vschaos2's MLPEncoder with a Categorical output): logits."""
+    """Label predictor (vschaos2's MLPEncoder with a Categorical output) from the latent mean and the
+    encoder's features: logits.
 
-    def __init__(self, latent_dim, n_classes, nlayers=2, hidden_dims=200):
+    vschaos2's predictors read the latent only. When the decoder is conditioned on the same label, the
+    KL pressure makes the latent shed it (the decoder gets it anyway), and such a predictor forgets
+    as training goes on (pitch accuracy 0.97 -> 0.82 on the demo). The encoder's last hidden layer
+    keeps what the input frame holds, so encode and forward read it too. decode has no input frame:
+    there the features are zeros, and training zeroes them for half of the frames so that the same
+    predictor also makes its best guess from the latent alone."""
+
+    def __init__(self, latent_dim, feature_dim, n_classes, nlayers=2, hidden_dims=200):
         super().__init__()
-        self.net = mlp([latent_dim] + [hidden_dims] * nlayers + [n_classes])
+        self.net = mlp([latent_dim + feature_dim] + [hidden_dims] * nlayers + [n_classes])
 
-    def forward(self, z):  # (batch, latent) -> (batch, n_classes)
-        return self.net(z)
+    def forward(self, z, features):  # (batch, latent), (batch, features) -> (batch, n_classes)
+        return self.net(torch.cat([z, features], dim=-1))
 
 
 class SpectralVAE(nn.Module):
@@ -328,8 +376,10 @@ class SpectralVAE(nn.Module):
                                             strides[::-1], hidden)
         else:
             raise ValueError(f"unknown architecture '{architecture}' (use mlp or conv)")
+        self.feature_dim = self.encoder.feature_dim  # what predictors read besides the latent
         self.predictors = nn.ModuleDict({
-            t: Predictor(latent_dim, int(p["dim"]), **(p.get("args") or {})) for t, p in prediction.items()})
+            t: Predictor(latent_dim, self.feature_dim, int(p["dim"]), **(p.get("args") or {}))
+            for t, p in prediction.items()})
         self.register_buffer("norm_offset", torch.tensor(0.0))
         self.register_buffer("norm_scale", torch.tensor(1.0))
 
@@ -357,27 +407,36 @@ class SpectralVAE(nn.Module):
 
     def encode(self, x, labels=None):
         """(batch, bins) normalised frames, {task: (batch,) classes} -> mean, log-variance (batch, latent)."""
-        return self.encode_conditioned(x, self.embed(self.encoder_tasks, labels or {}, x.shape[0], x.device))
+        mean, logvar, _ = self.encode_conditioned(x, self.embed(self.encoder_tasks, labels or {}, x.shape[0],
+                                                                 x.device))
+        return mean, logvar
 
     def encode_conditioned(self, x, condition):
-        """encode() given the encoder's condition vector (batch, width) instead of labels."""
-        mean, logvar = self.encoder(x, condition).chunk(2, dim=-1)
-        return mean, logvar.clamp(-12.0, 8.0)
+        """encode() given the encoder's condition vector (batch, width) instead of labels
+        -> mean, log-variance (batch, latent), the encoder's features (batch, feature_dim)."""
+        out, features = self.encoder(x, condition)
+        mean, logvar = out.chunk(2, dim=-1)
+        return mean, logvar.clamp(-12.0, 8.0), features
 
     def decode(self, z, labels=None):
         """(batch, latent) -> (batch, bins) normalised frames."""
         cond = self.embed(self.decoder_tasks, labels or {}, z.shape[0], z.device)
         return self.decoder(z, cond)
 
-    def predict(self, z):
-        """Logits of every predictor, from a *detached* latent (predictors never train the encoder)."""
-        return {t: p(z.detach()) for t, p in self.predictors.items()}
+    def predict(self, mean, features=None):
+        """Logits of every predictor from the latent mean and the encoder's features (None: zeros, as
+        when decoding a latent alone), both *detached*: predictors never train the encoder."""
+        if features is None:
+            features = mean.new_zeros(mean.shape[0], self.feature_dim)
+        return {t: p(mean.detach(), features.detach()) for t, p in self.predictors.items()}
 
     @torch.jit.unused  # training and offline only: the nn~ export calls the parts it needs
     def forward(self, x, labels=None, sample=True):
-        mean, logvar = self.encode(x, labels)
+        """-> reconstruction, mean, logvar, z (the sample, or the mean), the encoder's features."""
+        mean, logvar, features = self.encode_conditioned(
+            x, self.embed(self.encoder_tasks, labels or {}, x.shape[0], x.device))
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
-        return self.decode(z, labels), mean, logvar, z
+        return self.decode(z, labels), mean, logvar, z, features
 
 
 def fill_missing_labels(model, labels, logits=None):

@@ -24,7 +24,7 @@ encode -> prior -> decode. The quantizer and resolution come from the run.
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -268,11 +268,12 @@ class NnSpectralVAE(nn.Module):
             return torch.zeros(labels.size(0), 0)
         return torch.cat(parts, dim=1)
 
-    def _predict(self, z: torch.Tensor) -> torch.Tensor:
-        """Predicted class of every prediction task: (rows, latent) -> (rows, n_predictions) int64."""
+    def _predict(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Predicted class of every prediction task: z (rows, latent), the encoder's features (rows,
+        feature_dim; zeros in decode, which has no input frame) -> (rows, n_predictions) int64."""
         classes: List[torch.Tensor] = []
         for predictor in self.predictors:
-            classes.append(predictor(z).argmax(dim=1))
+            classes.append(predictor(z, features).argmax(dim=1))
         if len(classes) == 0:
             return torch.zeros(z.size(0), 0, dtype=torch.long)
         return torch.stack(classes, dim=1)
@@ -291,13 +292,15 @@ class NnSpectralVAE(nn.Module):
             return torch.zeros(labels.size(0), 0)
         return torch.cat(parts, dim=1)
 
-    def _latent(self, spec: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """spec (batch, bins, k) complex, labels (batch·k, n_labels) -> z (batch·k, latent)."""
+    def _latent(self, spec: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """spec (batch, bins, k) complex, labels (batch·k, n_labels) -> z (batch·k, latent), predicted
+        classes (batch·k, n_predictions) int64 (from the mean and the encoder's features)."""
         x = self.vae.normalize(self._frames(spec.abs()))  # (rows, bins)
-        mean, logvar = self.vae.encode_conditioned(x, self._encoder_condition(labels))  # (rows, latent) each
+        mean, logvar, features = self.vae.encode_conditioned(x, self._encoder_condition(labels))
+        predicted = self._predict(mean, features)
         if self.temperature > 0.0:
-            return mean + self.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        return mean
+            return mean + self.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean), predicted
+        return mean, predicted
 
     def _magnitude(self, z: torch.Tensor, condition: torch.Tensor, batch: int) -> torch.Tensor:
         """z (rows, latent), condition (rows, width) -> linear magnitude (batch, bins, k)."""
@@ -319,8 +322,8 @@ class NnSpectralVAE(nn.Module):
             encoder_labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_encoder_labels)
             for i in range(self.n_encoder_labels):
                 labels[:, self.encoder_label_channel[i]] = encoder_labels[:, i]
-        z = self._latent(spec, labels)  # (rows, latent)
-        out = torch.cat([z, self._predict(z).float()], dim=1)  # (rows, latent + predictions)
+        z, predicted = self._latent(spec, labels)  # (rows, latent), (rows, predictions)
+        out = torch.cat([z, predicted.float()], dim=1)  # (rows, latent + predictions)
         return self._unframe(out, batch).contiguous()
 
     @torch.jit.export
@@ -336,8 +339,10 @@ class NnSpectralVAE(nn.Module):
         labels = torch.full((rows.size(0), self.n_labels), -1.0)
         for i in range(self.n_decoder_labels):
             labels[:, self.decoder_label_channel[i]] = rows[:, self.latent_dim + i]
-        predicted = self._predict(z) if self.decode_uses_predictors else torch.zeros(rows.size(0), 0,
-                                                                                       dtype=torch.long)
+        if self.decode_uses_predictors:  # no input frame here: the predictors read the latent alone
+            predicted = self._predict(z, torch.zeros(rows.size(0), self.vae.feature_dim))
+        else:
+            predicted = torch.zeros(rows.size(0), 0, dtype=torch.long)
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
         phase_mode = "rtpghi" if self.phase_mode == "keep_input" else self.phase_mode  # no input phase here
         spec = self.decode_phase(mag, phase_mode)  # (batch, bins, k)
@@ -351,8 +356,7 @@ class NnSpectralVAE(nn.Module):
         batch = x.size(0)
         spec = self.forward_stft(self._sanitize(x[:, 0]))  # (batch, bins, k)
         labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_labels)
-        z = self._latent(spec, labels)  # (rows, latent)
-        predicted = self._predict(z)  # (rows, predictions)
+        z, predicted = self._latent(spec, labels)  # (rows, latent), (rows, predictions)
         z = self._sanitize(z * self.latent_scale + self.latent_bias)
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
         if self.phase_mode == "keep_input":

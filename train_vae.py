@@ -44,7 +44,9 @@ DEFAULTS = {
             "metadata_callbacks": {},    # task: {name: read_single_metadata|read_multi_metadata, type: int|float}
         },
         "valid_fraction": 0.1,           # share of files held out for validation
-        "augment": {"roll_p": 0.3, "roll_range": [-2, 1], "gain_std": 0.1},
+        # pitch_p: share of frames shifted by 1..pitch_range semitones, as resampled audio (pitch and
+        # octave labels follow); roll: vschaos2's shift by a few bins (not a musical pitch change)
+        "augment": {"pitch_p": 0.8, "pitch_range": 2, "roll_p": 0.0, "roll_range": [-2, 1], "gain_std": 0.1},
     },
     "model": {
         "latent_dim": 8,
@@ -59,13 +61,15 @@ DEFAULTS = {
     "train": {
         "batch_size": 256,               # frames per step and process (torchrun: N processes × this)
         "lr": 1e-3,                      # used as given: not scaled with the number of processes
+        "lr_half_life": None,            # steps over which the learning rate halves (None: constant)
         "max_epochs": None,              # stop after this many passes over the training frames ...
         "max_steps": 20000,              # ... or this many optimizer steps, whichever comes first
         "max_minutes": None,             # ... or this much training time (checked every log_every steps)
         "seed": 0,
         "device": "auto",                # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
         "num_threads": None,             # CPU threads for torch (default: torch's choice)
-        "beta": 0.02,                    # weight of the KL term after warm-up
+        "beta": 0.005,                   # weight of the KL term after warm-up (0.02 before: notes it never
+                                         # heard came back 1.9 dB worse, README "Notes it never heard")
         "beta_warmup_steps": 2000,
         "free_bits": 0.05,               # nats per latent dimension left free of the KL penalty
         "log_magnitude_weight": 1.0,     # weight of the L1 term on normalised log-magnitudes
@@ -80,8 +84,8 @@ DEFAULTS = {
 OPEN_SECTIONS = ("data.dataset.metadata_callbacks", "model.conditioning", "model.prediction")
 RANGES = {  # numbers out of these ranges are refused, naming the key (data.check_ranges)
     "data.transform.sr": ">= 1", "data.dataset.n_files": ">= 1", "data.valid_fraction": "[0, 1)",
-    "data.augment.roll_p": "[0, 1]", "data.augment.gain_std": ">= 0", "model.latent_dim": ">= 1",
-    "train.batch_size": ">= 1", "train.lr": ">= 0", "train.max_epochs": ">= 1", "train.max_steps": ">= 1",
+    "data.augment.pitch_p": "[0, 1]", "data.augment.pitch_range": "[0, 12]", "data.augment.roll_p": "[0, 1]", "data.augment.gain_std": ">= 0", "model.latent_dim": ">= 1",
+    "train.batch_size": ">= 1", "train.lr": ">= 0", "train.lr_half_life": "> 0", "train.max_epochs": ">= 1", "train.max_steps": ">= 1",
     "train.max_minutes": "> 0",
     "train.num_threads": ">= 1", "train.beta": ">= 0", "train.beta_warmup_steps": ">= 0",
     "train.free_bits": ">= 0", "train.log_magnitude_weight": ">= 0", "train.predictor_weight": ">= 0",
@@ -152,31 +156,44 @@ def parse_args(argv):
 def compute_losses(model, mags, labels, config, step, augment=False):
     """Every loss term of one batch. mags: (batch, bins) linear magnitudes; labels[task]: (batch,).
 
+    "loss" is the VAE's objective (reconstruction + β·KL), the headline curve; the predictors'
+    cross-entropies ("predictors", one "pred_<task>" each) train only the predictors (they read
+    detached inputs) and are logged apart; "total" is what the step minimises.
     `model` is the SpectralVAE, or it wrapped in DistributedDataParallel and/or torch.compile: its
     forward is called through the wrapper. No host synchronisation (the values stay on the device)."""
     tc = config["train"]
     vae = getattr(model, "module", model)  # DDP (compiled or not) holds the SpectralVAE in .module
     if augment:
         a = config["data"]["augment"]
-        mags = data.augment_frames(mags, a["roll_p"], a["roll_range"], a["gain_std"])
+        label_dims = {task: spec["dim"] for section in ("conditioning", "prediction")
+                      for task, spec in config["model"][section].items()}
+        mags, labels = data.augment_frames(mags, labels, label_dims, a["pitch_p"], a["pitch_range"], a["roll_p"],
+                                           a["roll_range"], a["gain_std"])
     x = vae.normalize(mags)  # (batch, bins)
     cond = models.fill_missing_labels(vae, labels)  # unlabelled -> random classes
-    x_hat, mean, logvar, z = model(x, cond, sample=model.training)
+    x_hat, mean, logvar, z, features = model(x, cond, sample=model.training)
     sc = models.spectral_convergence_loss(x_hat, x)
     log_l1 = (x_hat - x).abs().mean()
     kl = models.kl_divergence(mean, logvar)
     beta = models.beta_schedule(step, tc["beta"], tc["beta_warmup_steps"])
-    out = {"sc": sc, "log_l1": log_l1, "kl": kl.sum(-1).mean(), "beta": torch.tensor(beta),
+    out = {"sc": sc, "log_l1": log_l1, "kl": kl.sum(-1).mean(),
            "loss": sc + tc["log_magnitude_weight"] * log_l1 + beta * models.free_bits_kl(kl, tc["free_bits"])}
-    for task, logits in vae.predict(z).items():
-        y = labels[task]
-        labelled = y >= 0
-        # the seed's rule: where the label is unknown the predictor is trained on random labels
-        target = torch.where(labelled, y, torch.randint_like(y, logits.shape[-1]))
-        out[f"pred_{task}"] = F.cross_entropy(logits, target)
-        out["loss"] = out["loss"] + tc["predictor_weight"] * out[f"pred_{task}"]
-        # accuracy over the labelled frames; NaN when the batch has none (host_scalars leaves it out)
-        out[f"acc_{task}"] = ((logits.argmax(-1) == y) & labelled).sum() / labelled.sum()
+    if model.training:
+        out["beta"] = torch.tensor(beta)
+    if vae.predictors:
+        if model.training:  # half of the frames without features: decode's case, the latent alone
+            features = features * (torch.rand(features.shape[0], 1, device=features.device) < 0.5)
+        out["predictors"] = torch.zeros((), device=x.device)
+        for task, logits in vae.predict(mean, features).items():
+            y = labels[task]
+            labelled = y >= 0
+            # the seed's rule: where the label is unknown the predictor is trained on random labels
+            target = torch.where(labelled, y, torch.randint_like(y, logits.shape[-1]))
+            out[f"pred_{task}"] = F.cross_entropy(logits, target)
+            out["predictors"] = out["predictors"] + out[f"pred_{task}"]
+            # accuracy over the labelled frames; NaN when the batch has none (host_scalars leaves it out)
+            out[f"acc_{task}"] = ((logits.argmax(-1) == y) & labelled).sum() / labelled.sum()
+    out["total"] = out["loss"] + tc["predictor_weight"] * out.get("predictors", 0.0)
     return out
 
 
@@ -216,8 +233,10 @@ def log_examples(writer, model, frames, config, step, device, log_original, max_
     mags = frames.mags[index].to(device)  # (frames, bins)
     labels = {k: v[index].to(device) for k, v in frames.labels.items()}
     x = model.normalize(mags)
-    mean, _ = model.encode(x, models.fill_missing_labels(model, labels))
-    cond = models.fill_missing_labels(model, labels, model.predict(mean))
+    encoder_labels = models.fill_missing_labels(model, labels)
+    mean, _, features = model.encode_conditioned(x, model.embed(model.encoder_tasks, encoder_labels, x.shape[0],
+                                                                x.device))
+    cond = models.fill_missing_labels(model, labels, model.predict(mean, features))
     reconstruction = model.denormalize(model.decode(mean, cond)).cpu()  # (frames, bins)
     name = frames.files[0]
     figure = data.spectrogram_figure([(f"original: {name}", mags.t().cpu().numpy()),
@@ -384,12 +403,15 @@ def main(argv=None):
     model.train()
     try:
         while step < max_steps:
+            if tc["lr_half_life"]:
+                for group in optimizer.param_groups:
+                    group["lr"] = tc["lr"] * 0.5 ** (step / tc["lr_half_life"])
             idx = order[batch_in_epoch * bs:(batch_in_epoch + 1) * bs]
             with autocast:
                 losses = compute_losses(train_model, train_mags[idx], {k: v[idx] for k, v in train_labels.items()},
                                         config, step, augment=True)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()  # DDP averages the gradients of every rank here
+            scaler.scale(losses["total"]).backward()  # DDP averages the gradients of every rank here
             scaler.step(optimizer)
             scaler.update()
             step += 1
@@ -418,7 +440,9 @@ def main(argv=None):
             if step % tc["val_every"] == 0 or step == max_steps:
                 if dist_info.is_main:  # the plain model under no_grad, no collective
                     metrics = evaluate(model, valid_set, config, step, device)  # {} without validation frames
-                    improved = bool(metrics) and stopper.update(metrics["loss"])
+                    # best.pt: the lowest reconstruction error on the validation files (not a total that
+                    # mixes in KL weights and the predictors' cross-entropies)
+                    improved = bool(metrics) and stopper.update(metrics["sc"])
                     for k, v in metrics.items():
                         writer.add_scalar(f"valid/{k}", v, step)
                     if metrics:
@@ -429,8 +453,10 @@ def main(argv=None):
                     if improved:
                         data.save_checkpoint(run_dir / "best.pt", checkpoint)
                     if metrics:
-                        print(f"  validation at step {step}: loss {metrics['loss']:.4f} sc {metrics['sc']:.4f} "
-                              f"kl {metrics['kl']:.2f}{' (best)' if improved else ''}")
+                        accuracies = "".join(f" {k[4:]} accuracy {v:.3f}" for k, v in metrics.items()
+                                             if k.startswith("acc_"))
+                        print(f"  validation at step {step}: sc {metrics['sc']:.4f} loss {metrics['loss']:.4f} "
+                              f"kl {metrics['kl']:.2f}{accuracies}{' (best)' if improved else ''}")
                 if data.broadcast_object(stopper.should_stop):  # rank 0's decision: every rank stops here
                     print0(f"early stop: no improvement in {tc['patience']} validations")
                     break
@@ -442,7 +468,7 @@ def main(argv=None):
     if dist_info.is_main:
         writer.close()
     data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
-    print0(f"done: {run_dir} (best validation loss {stopper.best:.4f})")
+    print0(f"done: {run_dir} (best validation spectral convergence {stopper.best:.4f})")
     return run_dir
 
 

@@ -30,7 +30,7 @@ import script  # noqa: E402
 import train_prior  # noqa: E402
 import train_vae  # noqa: E402
 from make_demo_data import write_demo_dataset  # noqa: E402
-from helpers import phase_test_signal, write_latent_db  # noqa: E402
+from helpers import NnHost, phase_test_signal, write_latent_db  # noqa: E402
 
 
 def table(title, rows):
@@ -585,9 +585,235 @@ def bench_prior_export(results, workdir=None, buffer=4096, threads=1):
     return results
 
 
+# ---- pitch labels on real instruments --------------------------------------------------------------
+
+def bench_real_pitch(results, workdir, threads=2):
+    """extract_pitch.py with its defaults on the real-instrument notes and melodies: per note, the
+    label most of its frames get (note-on to note-off, 0.1 s margins) against the MIDI note played
+    (pitch class, octave); on the melodies, the share of note-on frames labelled with the right note;
+    and the speed (audio seconds per second, `threads` CPU threads)."""
+    import real_instruments
+    reason = real_instruments.missing_reason()
+    if reason:
+        table("pitch labels on real instruments", [("skipped", reason)])
+        return
+    root = workdir / "real_instruments"
+    real_instruments.render_dataset(root)
+    labelled = workdir / "real_pitch"  # a copy of the audio (links) that extract_pitch.py labels
+    entries = json.loads((root / "notes.json").read_text())
+    for e in entries:
+        target = labelled / e["path"]
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((root / e["path"]).resolve())
+    args = ["--device", "cpu", "--threads", str(threads), "--overwrite"]
+    started = time.perf_counter()
+    extract_pitch.main([str(labelled), *args])
+    wall = time.perf_counter() - started
+    hop, sr = 256, 44100  # extract_pitch's default hop, at the files' rate
+    notes = {"pitch": 0, "octave": 0, "n": 0}
+    melody = {"right": 0, "n": 0}
+    wrong = []
+    for e in entries:
+        f0 = _track_values(labelled / "metadata" / "f0", e["path"], hop / sr, int(e["seconds"] * sr / hop) + 1)
+        for start, end, note in e["segments"]:
+            index = np.arange(int((start + 0.1) * sr / hop), min(int((end - 0.1) * sr / hop), len(f0)))
+            values = f0[index]
+            midi = np.round(69 + 12 * np.log2(np.where(np.isfinite(values), values, 440.0) / 440)).astype(int)
+            if e["kind"] == "melody":
+                melody["right"] += int(np.sum(np.isfinite(values) & (midi == note)))
+                melody["n"] += len(index)
+                continue
+            voiced = midi[np.isfinite(values)]
+            label = int(np.bincount(voiced).argmax()) if len(voiced) else -100
+            notes["n"] += 1
+            notes["pitch"] += int(label % 12 == note % 12)
+            notes["octave"] += int(label // 12 == note // 12)
+            if label != note:
+                wrong.append(f"{Path(e['path']).stem}: {_midi_name(label) if label >= 0 else 'none'}")
+    seconds = sum(e["seconds"] for e in entries)
+    figures = {"notes": notes["n"], "pitch_class_acc": notes["pitch"] / notes["n"],
+               "octave_acc": notes["octave"] / notes["n"], "melody_frame_acc": melody["right"] / max(melody["n"], 1),
+               "audio_s_per_s": seconds / wall, "threads": threads, "wrong": wrong}
+    results["real_pitch"] = figures
+    table(f"pitch labels on real instruments: extract_pitch.py defaults, {threads} CPU threads", [
+        ("notes", f"{notes['n']} (6 instruments over their ranges, C1..B7)"),
+        ("pitch class per note", f"{100 * figures['pitch_class_acc']:.1f}%"),
+        ("octave per note", f"{100 * figures['octave_acc']:.1f}%"),
+        ("melody frames, right note", f"{100 * figures['melody_frame_acc']:.1f}% of {melody['n']}"),
+        ("speed", f"{figures['audio_s_per_s']:.1f}x real time ({seconds:.0f} s of audio in {wall:.0f} s)"),
+        ("wrong notes", ", ".join(wrong) or "none")])
+    print(f"  targets: pitch class >= 97%: {'met' if figures['pitch_class_acc'] >= 0.97 else 'MISSED'}; octave >= 95%: "
+          f"{'met' if figures['octave_acc'] >= 0.95 else 'MISSED'}; >= 4x real time: "
+          f"{'met' if figures['audio_s_per_s'] >= 4 else 'MISSED'}")
+
+
+def _track_values(task_dir, key, hop_s, frames):
+    """Per-frame float values (NaN for none) of one file's track in a task written by extract_pitch.py."""
+    tracks = dict(line.split("\t") for line in (task_dir / "metadata.txt").read_text().splitlines())
+    values = np.full(frames, np.nan)
+    for line in (task_dir / tracks[key]).read_text().splitlines():
+        span, label = line.split("\t")
+        onset, offset = (float(v) for v in span.split(","))
+        if label != "none":
+            values[int(np.ceil(onset / hop_s - 1e-9)):int(np.ceil(offset / hop_s - 1e-9))] = float(label)
+    return values
+
+
+def _midi_name(midi):
+    return f"{data.PITCH_NAMES[midi % 12]}{midi // 12 - 1}"
+
+
+# ---- the VAE on real instruments -------------------------------------------------------------------
+
+REAL_VAE = {"minutes": 10.0, "threads": 2, "config": "dgt_normal", "buffer": 2048, "overrides": []}
+# the benchmark's VAE also learns to predict pitch and octave (predictors read detached inputs: the
+# VAE itself trains exactly as plain dgt_normal)
+REAL_VAE_PREDICTION = ["+data.dataset.metadata_callbacks.pitch.name=read_multi_metadata",
+                       "+data.dataset.metadata_callbacks.octave.name=read_multi_metadata",
+                       "+model.prediction.pitch.dim=12", "+model.prediction.octave.dim=8"]
+
+
+def _training_root(workdir, root, train_files, name):
+    """A dataset folder holding only `train_files` of the rendered dataset (links) and their labels."""
+    train_root = workdir / name
+    keep = set(train_files)
+    for key in train_files:
+        target = train_root / key
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((root / key).resolve())
+    for task_dir in (root / "metadata").iterdir():
+        out = train_root / "metadata" / task_dir.name
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [line for line in (task_dir / "metadata.txt").read_text().splitlines()
+                 if line.split("\t")[0] in keep]
+        (out / "metadata.txt").write_text("\n".join(lines) + "\n")
+        for extra in ("classes.txt", "tracks"):
+            if (task_dir / extra).exists() and not (out / extra).exists():
+                (out / extra).symlink_to((task_dir / extra).resolve())
+    return train_root
+
+
+def _stft_db(reference, estimate, n_fft=2048, hop=512):
+    """Spectral convergence (dB) of estimate against reference audio (samples,) on a Hann n_fft/hop STFT."""
+    window = torch.hann_window(n_fft)
+    ref = torch.stft(reference, n_fft, hop, window=window, return_complex=True).abs()
+    est = torch.stft(estimate, n_fft, hop, window=window, return_complex=True).abs()
+    return float(20 * torch.log10(torch.linalg.norm(ref - est) / torch.linalg.norm(ref)))
+
+
+def _note_frames(entry, frames, hop, sr, margin=0.1):
+    """(frame indices, midi) of the frames inside each note-on segment of a notes.json entry (margins cut)."""
+    index, midi = [], []
+    for start, end, note in entry["segments"]:
+        first, last = int((start + margin) * sr / hop), int((end - margin) * sr / hop)
+        for f in range(max(first, 0), min(last, frames)):
+            index.append(f)
+            midi.append(note)
+    return np.array(index, dtype=np.int64), np.array(midi, dtype=np.int64)
+
+
+def bench_real_vae(results, workdir):
+    """The VAE on real instruments (tests/real_instruments.py): REAL_VAE["config"] trained for
+    REAL_VAE["minutes"] on REAL_VAE["threads"] CPU threads on the training notes and melodies, exported,
+    and the held-out files (notes at pitches it never heard, two melodies) fed through the .ts `forward`
+    in REAL_VAE["buffer"]-sample buffers as nn~ does (keep_input phase): spectral convergence on a
+    Hann 2048/512 STFT, beside PCA-8 and PCA-16 fitted on the same training frames (magnitude frames,
+    no phase), the VAE's own magnitude frames (posterior mean, no phase), and the predictors' accuracy
+    on the held-out notes' frames."""
+    import real_instruments
+    reason = real_instruments.missing_reason()
+    if reason:
+        table("VAE on real instruments", [("skipped", reason)])
+        return
+    torch.set_num_threads(REAL_VAE["threads"])
+    root = workdir / "real_instruments"
+    real_instruments.render_dataset(root)
+    train_files, heldout_files = real_instruments.split(root)
+    entries = {e["path"]: e for e in json.loads((root / "notes.json").read_text())}
+    train_root = _training_root(workdir, root, train_files, "real_vae_train_audio")
+    started = time.time()
+    run = train_vae.main(["--config", REAL_VAE["config"], "name=real_vae", f"rundir={workdir / 'runs'}",
+                          f"+data.dataset.root={train_root}", "train.max_steps=10000000", "train.val_every=1000",
+                          f"train.max_minutes={REAL_VAE['minutes']}", f"train.num_threads={REAL_VAE['threads']}",
+                          "train.device=cpu", *REAL_VAE_PREDICTION, *REAL_VAE["overrides"]])
+    train_minutes = (time.time() - started) / 60
+    ts = script.export(run, workdir / "real_vae", force=True, verbose=False)
+    model, checkpoint = models.load_vae(run / "best.pt")
+    config = checkpoint["config"]
+    t = config["data"]["transform"]
+    sr, hop = t["sr"], t["hop"]
+
+    # PCA on the training frames, in the model's normalised log-magnitude domain
+    cache = Path(config["rundir"]) / "cache"
+    train_set = load_frames(config, train_root, [f for f in train_files], cache)
+    heldout_set = load_frames(config, root, heldout_files, cache)
+    with torch.no_grad():
+        x_train, x_held = model.normalize(train_set.mags), model.normalize(heldout_set.mags)
+        centre = x_train.mean(0, keepdim=True)
+        _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
+        mean, _, _ = model.encode_conditioned(x_held, torch.zeros(len(x_held), 0))
+        frames_vae = model.denormalize(model.decode(mean))
+    ref = heldout_set.mags.numpy()
+    offline = {f"PCA-{k}": float(sc_db(ref, model.denormalize((x_held - centre) @ v[:k].t() @ v[:k] + centre).numpy()))
+               for k in (8, 16)}
+    offline["VAE frames (no phase)"] = float(sc_db(ref, frames_vae.numpy()))
+
+    # the .ts forward, buffer by buffer, as nn~ plays it; predicted labels on the note frames
+    torch.set_num_threads(1)
+    host = NnHost(ts)
+    latency = int(host.model.forward_latency)
+    buffer = REAL_VAE["buffer"]
+    n_labels = host.params["forward"][0] - 1
+    scores, notes_scores, correct = [], [], {"pitch": [0, 0], "octave": [0, 0], "both": [0, 0]}
+    tasks = [name[5:] for name in host.model.forward_output_labels[1:]]  # pred_pitch, pred_octave
+    for key in heldout_files:
+        audio = data.load_audio(root / key, sr)
+        padded = torch.cat([audio, torch.zeros(latency + buffer)])
+        padded = padded[: len(padded) // buffer * buffer]
+        x = torch.cat([padded.view(1, 1, -1), torch.full((1, n_labels, len(padded)), -1.0)], dim=1)
+        out = host.stream("forward", x, buffer)[0]  # (1 + predictions, samples)
+        heard = out[0, latency: latency + len(audio)]
+        sc = _stft_db(audio, heard)
+        scores.append(sc)
+        entry = entries[key]
+        if entry["kind"] != "note" or not tasks:
+            continue
+        notes_scores.append(sc)
+        predicted = out[1:, latency::hop]  # (predictions, frames): the class held at each hop
+        index, midi = _note_frames(entry, predicted.shape[1], hop, sr)
+        by_task = {task: predicted[i, index].round().long().numpy() for i, task in enumerate(tasks)}
+        ok = {"pitch": by_task.get("pitch") == midi % 12, "octave": by_task.get("octave") == midi // 12 - 1}
+        ok["both"] = ok["pitch"] & ok["octave"]
+        for name, hits in ok.items():
+            correct[name][0] += int(np.sum(hits))
+            correct[name][1] += len(index)
+    torch.set_num_threads(REAL_VAE["threads"])
+    vae_ts = float(np.mean(scores))
+    results["real_vae"] = {"config": REAL_VAE["config"], "minutes": train_minutes, "steps": checkpoint["step"],
+                           "heldout_files": len(heldout_files), "ts_forward_sc_db": vae_ts,
+                           "ts_forward_sc_db_notes": float(np.mean(notes_scores)) if notes_scores else None,
+                           "offline_sc_db": offline,
+                           "predictor_accuracy": {k: c / max(n, 1) for k, (c, n) in correct.items()},
+                           "validation_sc_best": checkpoint["best_val"]}
+    rows = [("trained", f"{train_minutes:.1f} min, best.pt at step {checkpoint['step']:,} ({REAL_VAE['threads']} threads)"),
+            ("held-out files", f"{len(heldout_files)} ({len(notes_scores)} notes at unheard pitches, "
+                               f"{len(heldout_files) - len(notes_scores)} melodies)"),
+            (f".ts forward, buffer {buffer}, keep_input", f"SC {vae_ts:6.2f} dB (Hann 2048/512; notes only "
+                                                           f"{np.mean(notes_scores):.2f} dB)")]
+    rows += [(name, f"SC {v:6.2f} dB (magnitude frames)") for name, v in offline.items()]
+    rows += [(f"predicted {k} on held-out note frames", f"{100 * c / max(n, 1):.1f}% of {n} frames")
+             for k, (c, n) in correct.items()]
+    table(f"VAE on real instruments: {REAL_VAE['config']}, {REAL_VAE['minutes']:g} min", rows)
+    print(f"  target: held-out SC <= -13 dB through the .ts: {'met' if vae_ts <= -13 else 'MISSED'}; "
+          f"better than PCA-16: {'yes' if vae_ts < offline['PCA-16'] else 'no'}; "
+          f"pitch class >= 95%: {'met' if correct['pitch'][0] >= 0.95 * correct['pitch'][1] else 'MISSED'}")
+
+
 # ---- the prior on real instruments ----------------------------------------------------------------
 
-REAL_PRIOR = {"minutes": 10.0, "threads": 2, "vae": None, "vae_minutes": 10.0,
+REAL_PRIOR = {"minutes": 10.0, "threads": 2, "vae": None, "vae_minutes": 10.0, "pitch_shifts": "-2,-1,1,2",
               "configs": ["decoder_only", "recurrent", "encoder_decoder_continuous", "decoder_only_large"]}
 
 
@@ -645,7 +871,8 @@ def bench_real_prior(results, workdir):
         db = workdir / ("real_prior_db_features" if features else "real_prior_db")
         if wanted and not (db / "index.json").exists():
             preprocess.main(["--audio", str(root / "data"), "--out", str(db), "--model", str(vae_ts),
-                             "--threads", str(REAL_PRIOR["threads"])] + (["--features", "loudness,f0"] if features else []))
+                             "--threads", str(REAL_PRIOR["threads"]), f"--pitch_shifts={REAL_PRIOR['pitch_shifts']}"]
+                            + (["--features", "loudness,f0"] if features else []))
     for name in REAL_PRIOR["configs"]:
         features = name == "encoder_decoder_continuous"
         db = workdir / ("real_prior_db_features" if features else "real_prior_db")
@@ -683,7 +910,7 @@ def bench_real_prior(results, workdir):
 
 SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export,
             "distributed": bench_distributed, "prior": bench_prior, "prior_export": bench_prior_export,
-            "real_prior": bench_real_prior}
+            "real_pitch": bench_real_pitch, "real_vae": bench_real_vae, "real_prior": bench_real_prior}
 
 
 def main():
@@ -691,12 +918,16 @@ def main():
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="sections to run (default: all)")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--workdir", help="where to put synthetic data and runs (default: a temporary folder)")
+    parser.add_argument("--vae_minutes", type=float, default=REAL_VAE["minutes"],
+                        help="real_vae: training minutes (default 10)")
+    parser.add_argument("--vae_overrides", nargs="*", default=[], help="real_vae: config overrides (key=value)")
     parser.add_argument("--prior_minutes", type=float, default=REAL_PRIOR["minutes"],
                         help="real_prior: training minutes per config (default 10; the issue's second target is 60)")
     parser.add_argument("--prior_configs", nargs="*", default=REAL_PRIOR["configs"], help="real_prior: configs to train")
     parser.add_argument("--vae", help="real_prior: the VAE .ts whose latents the prior learns (default: the real_vae "
                                       "section's, or one trained here)")
     args = parser.parse_args()
+    REAL_VAE.update(minutes=args.vae_minutes, overrides=args.vae_overrides)
     REAL_PRIOR.update(minutes=args.prior_minutes, configs=args.prior_configs, vae=args.vae)
     results = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:

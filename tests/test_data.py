@@ -181,6 +181,7 @@ def test_split_is_seeded_by_file_and_never_empty():
     assert len(valid) == 2 and not set(train) & set(valid) and sorted(train + valid) == sorted(files)
     assert data.split_files(files, 0.1, seed=4) != (train, valid)
     assert len(data.split_files(files[:2], 0.1, 0)[1]) == 1
+    assert len(data.split_files(files[:10], 0.1, 0)[1]) == 2  # never a single validation file from four on
     assert data.split_files(files[:1], 0.1, 0) == (files[:1], [])
 
 
@@ -216,3 +217,32 @@ def test_metadata_that_is_not_utf8_names_the_file_and_line(tmp_path, name):
     lineno = len(text.splitlines()) + 1
     with pytest.raises(data.MetadataError, match=rf"{name}:{lineno}: not UTF-8"):
         data.read_metadata(root, "pitch", "read_multi_metadata")
+
+
+def test_a_pitch_shift_moves_the_partials_as_resampling_the_audio_does():
+    sr, n_fft = 16000, 1024
+    t = np.arange(sr) / sr
+    note = lambda f0: sum(np.sin(2 * np.pi * h * f0 * t) / h for h in range(1, 6))  # noqa: E731
+    frame = lambda f0: data.magnitude(torch.from_numpy(note(f0)).float(), n_fft, 256)[:, 8]  # noqa: E731
+    semitones = torch.tensor([2, -1, 0])
+    shifted = data.pitch_shift_frames(torch.stack([frame(440.0)] * 3), semitones)  # (3, bins)
+    for row, s in zip(shifted, semitones.tolist()):
+        resampled = frame(440.0 * 2 ** (s / 12))  # the same note played s semitones higher
+        peaks = lambda m: sorted(torch.topk(m, 5).indices.tolist())  # noqa: E731
+        assert all(abs(a - b) <= 1 for a, b in zip(peaks(row), peaks(resampled))), (s, peaks(row), peaks(resampled))
+        assert torch.nn.functional.cosine_similarity(row, resampled, dim=0) > 0.9
+    assert torch.equal(shifted[2], frame(440.0))  # 0 semitones: the frame itself
+
+
+def test_pitch_and_octave_labels_follow_a_pitch_shift():
+    labels = {"pitch": torch.tensor([11, 0, 0, -1, 5]), "octave": torch.tensor([3, 0, 7, -1, -1]),
+              "instrument": torch.tensor([1, 2, 3, 4, 5])}
+    out = data.shift_pitch_labels(labels, torch.tensor([1, -1, 12, 2, 2]), {"pitch": 12, "octave": 8})
+    assert out["pitch"].tolist() == [0, 11, 0, -1, 7]  # B3 -> C4; C0 -> B-1; unknown stays unknown
+    assert out["octave"].tolist() == [4, -1, -1, -1, -1]  # out of 0..7 (or unknown before): unknown
+    assert torch.equal(out["instrument"], labels["instrument"])
+    augmented, moved = data.augment_frames(torch.rand(64, 33), labels | {"pitch": torch.zeros(64, dtype=torch.long),
+                                                                         "octave": torch.full((64,), 4)},
+                                           {"pitch": 12, "octave": 8}, pitch_p=1.0, pitch_range=2, gain_std=0.0)
+    midi = moved["octave"] * 12 + moved["pitch"]
+    assert set((midi - 48).tolist()) <= {-2, -1, 1, 2} and len(set(midi.tolist())) > 1

@@ -137,7 +137,8 @@ def test_buffers_chunked_equal_one_shot(labelled, batch):
 @pytest.mark.parametrize("phase_mode", ["rtpghi", "random"])
 def test_phase_modes_stream_and_chain(labelled, phase_mode):
     """forward in each generated-phase mode: chunking-invariant, and equal to encode -> decode chained
-    in the host (forward's latency is encode's plus decode's)."""
+    in the host (forward's latency is encode's plus decode's), encode's predicted pitch patched into
+    decode's pitch inlet (decode alone has no input frame for its predictor to read)."""
     path, _ = labelled
     batch = 2
     audio, labels = tones(batch), label_signals(batch, [0, -1, 3])
@@ -145,8 +146,9 @@ def test_phase_modes_stream_and_chain(labelled, phase_mode):
     whole = NnHost(path, phase_mode).perform("forward", x)
     assert torch.allclose(NnHost(path, phase_mode).stream("forward", x, 128), whole, rtol=0, atol=1e-5)
     host = NnHost(path, phase_mode)
-    latents = host.stream("encode", torch.cat([audio, labels[:, :1]], 1), 2048)[:, :LATENT]
-    chained = host.stream("decode", torch.cat([latents, labels], 1), 2048)
+    encoded = host.stream("encode", torch.cat([audio, labels[:, :1]], 1), 2048)  # latents, predicted pitch
+    chained = host.stream("decode", torch.cat([encoded[:, :LATENT], labels[:, :1], encoded[:, LATENT:], labels[:, 2:]],
+                                              1), 2048)
     assert torch.allclose(chained, whole[:, :1], rtol=0, atol=1e-5)
     assert not torch.allclose(whole[:, :1], NnHost(path).perform("forward", x)[:, :1], atol=1e-3)  # ≠ keep_input
 
@@ -302,9 +304,11 @@ def test_predictions_are_held_class_indices(labelled):
     z, predicted = out[0, :LATENT, ::HOP], out[0, LATENT]
     blocks = predicted.reshape(-1, HOP)
     assert torch.equal(blocks, blocks[:, :1].expand(-1, HOP))  # one value per hop, held, never summed
+    assert set(blocks[:, 0].tolist()) <= set(range(12))  # class indices of the 12 pitch classes
+    # what a predictor reading the latent alone (decode's case) says differs: encode reads the frames too
     with torch.no_grad():
-        expected = model.predictors["pitch"](z.t()).argmax(-1).float()
-    assert torch.equal(blocks[:, 0], expected)
+        latent_only = model.predictors["pitch"](z.t(), torch.zeros(z.shape[1], model.feature_dim)).argmax(-1)
+    assert not torch.equal(blocks[:, 0], latent_only.float())
 
 
 def test_temperature_and_latent_controls(labelled):

@@ -235,3 +235,13 @@ def test_labels_feed_a_conditioned_training_run(labelled, tmp_path):
                                 "+data.dataset.metadata_callbacks.f0.type=float")
     assert code == 0, err
     assert "f0 (float):" in out and "octave:" in out
+
+
+@pytest.mark.parametrize("midi", [24, 36, 96, 105])  # C1 and C2 (a harmonic is no longer taken), C7 and A7 (above crepe's 2 kHz)
+def test_notes_from_c1_to_b7_are_labelled_with_their_pitch_and_octave(midi):
+    audio = torch.from_numpy(tone(midi, 0.6, models.CREPE_SR, harmonics=8))
+    forward = models.load_crepe("tiny", "cpu")
+    centres = np.arange(10, 50) * 0.01  # inside the note, away from the fades
+    f0 = models.f0_at_frames(audio, centres, forward)
+    pitch, octave = models.pitch_classes(f0)
+    assert np.mean((pitch == midi % 12) & (octave == midi // 12 - 1)) > 0.9, (midi, pitch, octave)
