@@ -57,7 +57,7 @@ DEFAULTS = {
         "context": 256,              # frames each attention sees: the sliding window of the nn~ export
         "dropout": 0.1,
         "encoder_layers": 2,         # seq2seq: causal encoder layers over the conditioning features
-        "markov_head": 1,            # 1: a per-stream transition table p(x_t | x_{t-1}) in the head, started from
+        "markov_head": 0,            # 1: a per-stream transition table p(x_t | x_{t-1}) in the head, started from
                                      # the training set's Markov chain (resolution <= 256 only; see README)
     },
     "train": {

@@ -259,7 +259,7 @@ def test_markov_baseline_counts_transitions_inside_files_only(tmp_path):
 def test_markov_head_starts_as_the_markov_chain(latent_db, tmp_path):
     """Trained for one step at lr 0, the prior's validation cross-entropy is the Markov chain's (within
     the small random output layer it starts with)."""
-    run_dir = train(latent_db, tmp_path, "train.max_steps=1", "train.val_every=1", "train.lr=0")
+    run_dir = train(latent_db, tmp_path, "train.max_steps=1", "train.val_every=1", "train.lr=0", "model.markov_head=1")
     index = data.read_latent_index(latent_db)
     split = json.loads((run_dir / "split.json").read_text())
     baselines = data.LatentSequences(latent_db, index, split["train"]).baseline_cross_entropies(
@@ -292,3 +292,15 @@ def test_pitch_shifted_copies_train_and_never_validate(tmp_path):
     assert len(split["train"]) == 16
     valid_originals = {key for key in split["valid"]}
     assert not any(key.replace("__shift+1", "") in valid_originals for key in split["train"])
+
+
+def test_jitter_moves_a_share_of_the_tokens_to_a_neighbouring_bin():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 16, (64, 100, 3))
+    tokens[0] = 0  # the edges stay inside [0, resolution)
+    tokens[1] = 15
+    moved = models.jitter_tokens(tokens, 0.2, 16)
+    assert moved.min() >= 0 and moved.max() <= 15
+    assert (moved - tokens).abs().max() == 1
+    assert 0.15 < (moved != tokens).float().mean() < 0.25
+    assert torch.equal(models.jitter_tokens(tokens, 0.0, 16), tokens)
