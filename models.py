@@ -645,8 +645,10 @@ class CoarseToFineHead(nn.Module):
     def __init__(self, dim: int, n_streams: int, resolution: int, markov: bool = False):
         super().__init__()
         self.n_streams, self.resolution, self.markov = n_streams, resolution, markov
-        size = resolution if markov else 0
-        self.transition = nn.Parameter(torch.zeros(n_streams, size, size))  # (Q, N previous, N next) logits
+        if markov:
+            self.transition = nn.Parameter(torch.zeros(n_streams, resolution, resolution))  # (Q, N previous, N next) logits
+        else:  # an empty buffer: no parameter left out of the loss (DistributedDataParallel refuses those)
+            self.register_buffer("transition", torch.zeros(n_streams, 0, 0))
         self.register_buffer("streams", torch.arange(n_streams), persistent=False)
         self.embedding = nn.Embedding(n_streams * resolution, dim)  # (stream, token) -> dim
         self.film = nn.Linear(dim, 2 * dim)

@@ -304,9 +304,10 @@ def main(argv=None):
         data.cleanup_distributed()
         sys.exit(0)
     # the Markov table holds log-probabilities: weight decay would only flatten them
-    decayed = [p for name, p in model.named_parameters() if name != "head.transition"]
-    optimizer = torch.optim.AdamW([{"params": decayed}, {"params": [model.head.transition], "weight_decay": 0.0}],
-                                  lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
+    groups = [{"params": [p for name, p in model.named_parameters() if name != "head.transition"]}]
+    if model.head.markov:
+        groups.append({"params": [model.head.transition], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
     step, stopper = 0, data.EarlyStopping(tc["patience"])
     if n_features:  # feature normalisation statistics of the training set, stored in the model
         model.feature_mean.copy_(train_set.features.mean(0))
