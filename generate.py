@@ -61,6 +61,10 @@ def parse_args(argv):
                       help=f"any of {', '.join(TRAJECTORIES)}")
     traj.add_argument("-b", "--batches", type=int, default=1, help="trajectories of each type")
     traj.add_argument("-s", "--steps", type=int, default=512, help="latent frames per trajectory (one per hop)")
+    traj.add_argument(*data.spellings("--from_class"), default=None, metavar="TASK=CLASS",
+                      help="with --to_class: walk in a line from this class's mean latent (e.g. pitch=A) ...")
+    traj.add_argument(*data.spellings("--to_class"), default=None, metavar="TASK=CLASS",
+                      help="... to this one's (e.g. pitch=E); written as class_<from>_to_<to>.wav/.npy")
     prior = modes.add_parser("prior", parents=[run_args], help="generate latent sequences with a prior",
                              description="Generate with a prior run: listen to --prime (encoded by --model), "
                                          "then generate --seconds of latents and decode them with --model.")
@@ -78,6 +82,8 @@ def parse_args(argv):
             parser.error(f"unknown trajectory type '{unknown[0]}' (choose from {', '.join(TRAJECTORIES)})")
         if args.batches < 1 or args.steps < 2:
             parser.error("need -b >= 1 and -s >= 2")
+        if (args.from_class is None) != (args.to_class is None):
+            parser.error("--from_class and --to_class go together")
     return args
 
 
@@ -118,10 +124,10 @@ def check_labels_available(model, fixed):
                             f"give it with --label {task}=VALUE")
 
 
-def decoder_labels(model, z, fixed, features=None):
+def decoder_labels(model, z, fixed, x=None):
     """Labels for decoding latent frames z (frames, latent): fixed ones, else predicted (from z and,
-    when the frames were encoded from audio, the encoder's features)."""
-    logits = model.predict(z, features)
+    when they were encoded from audio, its normalised frames x)."""
+    logits = model.predict(z, x)
     labels = {}
     for task in model.task_dims:
         if task in fixed:
@@ -195,10 +201,9 @@ def reconstruct(model, config, args, fixed):
             continue
         x = model.normalize(mag)  # (frames, bins)
         enc_labels = {k: torch.full((x.shape[0],), v, dtype=torch.long) for k, v in fixed.items()}
-        mean, logvar, features = model.encode_conditioned(x, model.embed(model.encoder_tasks, enc_labels,
-                                                                         x.shape[0], x.device))
+        mean, logvar = model.encode(x, enc_labels)
         z = mean + args.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        x_hat = model.decode(z, decoder_labels(model, mean, fixed, features))
+        x_hat = model.decode(z, decoder_labels(model, mean, fixed, x))
         data.save_audio(out_dir / rel, to_audio(model, x_hat, config, args), args.sr or t["sr"])
         written += 1
     print(f"wrote {written} file(s) to {out_dir}" + (f"; {len(failed)} failed" if failed else ""))
@@ -231,6 +236,35 @@ def trajectory(kind, steps, dim, generator):
     raise ValueError(kind)
 
 
+def class_latent(spec, axes):
+    """--from_class/--to_class TASK=CLASS (a class id or name) -> that class's mean latent z (D,)."""
+    task, _, value = spec.partition("=")
+    if axes is None or task not in axes["presets"]:
+        known = ", ".join(axes["presets"]) if axes else "none (the run has no latent axes)"
+        raise UserError(f"{spec}: no class presets for '{task}' (tasks with presets: {known or 'none'})")
+    names = axes["preset_names"][task]
+    index = names.index(value) if value in names else (int(value) if value.isdigit() else -1)
+    if not 0 <= index < len(names) or not torch.isfinite(axes["presets"][task][index]).all():
+        raise UserError(f"{spec}: no training frame of class '{value}' (classes: {', '.join(names)})")
+    return axes["mean"] + axes["rotation"] @ axes["presets"][task][index]
+
+
+@torch.no_grad()
+def class_walk(model, config, args, fixed, axes):
+    """A line from one class's mean latent to another's, decoded."""
+    t = config["data"]["transform"]
+    start, end = class_latent(args.from_class, axes), class_latent(args.to_class, axes)
+    out_dir = Path(args.out) / "trajectories"
+    stem = f"class_{args.from_class}_to_{args.to_class}".replace("=", "-").replace("/", "-")
+    refuse_overwrite([out_dir / f"{stem}.{ext}" for ext in ("wav", "npy")], args.force)
+    s = torch.linspace(0, 1, args.steps)[:, None]
+    z = (1 - s) * start + s * end  # (steps, latent)
+    x_hat = model.decode(z, decoder_labels(model, z, fixed))
+    data.save_audio(out_dir / f"{stem}.wav", to_audio(model, x_hat, config, args), args.sr or t["sr"])
+    np.save(out_dir / f"{stem}.npy", z.numpy())
+    print(f"wrote {out_dir / stem}.wav (+ .npy): {args.steps} frames from {args.from_class} to {args.to_class}")
+
+
 @torch.no_grad()
 def trajectories(model, config, args, fixed):
     t = config["data"]["transform"]
@@ -251,7 +285,7 @@ def prior_generation(args):
     """Listen to the primer's latents, generate, decode: the exported prior's own code, run offline."""
     out_dir = Path(args.out) / "prior"
     refuse_overwrite([out_dir / f"{i}.{ext}" for i in range(args.batches) for ext in ("wav", "npy")], args.force)
-    _, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
+    run_version, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
     prior, checkpoint = models.load_prior(checkpoint_path)
     dataset = checkpoint["dataset"]
     if prior.n_features:
@@ -284,13 +318,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.mode == "prior":
         return prior_generation(args)
-    _, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
+    run_version, checkpoint_path = data.find_checkpoint(args.run, args.version, args.checkpoint)
     model, checkpoint = models.load_vae(checkpoint_path)
     config = checkpoint["config"]
     fixed = parse_labels(args.label, model, config)
     check_labels_available(model, fixed)
     if args.mode == "reconstruct":
         reconstruct(model, config, args, fixed)
+    elif args.from_class:
+        class_walk(model, config, args, fixed, models.run_latent_axes(checkpoint_path, checkpoint, run_version))
     else:
         trajectories(model, config, args, fixed)
 

@@ -3,13 +3,13 @@ streaming modules that nn~ plays, and the files that hold them. Imports run data
 
 Sections, in the order data flows (audio -> labels and spectra -> latents -> sequences -> audio):
   1. Pitch tracking (crepe)      f0 on any frame grid: extract_pitch.py's labels, preprocess.py's f0
-  2. Spectral VAE                frame coders, label embeddings and predictors, SpectralVAE
+  2. Spectral VAE                frame coders, label embeddings and predictors, SpectralVAE, latent axes
   3. VAE losses                  spectral convergence, KL(q||p), free bits, beta warm-up
   4. Latent prior                quantizer, ALiBi transformer / GRU, coarse-to-fine head
   5. Streaming prior             the prior frame by frame with its state (nn~, generate.py)
   6. Phase reconstruction        offline: spectral convergence, Griffin-Lim, PGHI
   7. Streaming STFT and phase    buffer-by-buffer analysis, RTPGHI / random phase, synthesis (nn~)
-  8. Model files                 build and load checkpoints, load nn~ TorchScript files
+  8. Model files                 build and load checkpoints (and their latent axes), load nn~ TorchScript files
 
 Conventions (used everywhere in the toolkit):
 - audio: float32, (batch, samples) or (samples,)
@@ -19,6 +19,7 @@ Conventions (used everywhere in the toolkit):
 """
 import copy
 import heapq
+import json
 import math
 import sys
 from pathlib import Path
@@ -236,22 +237,14 @@ def mlp(sizes, final_activation=None):
 
 
 class MLPFrameEncoder(nn.Module):
-    """(batch, bins + cond) -> (batch, out_dim), and the last hidden layer's features."""
+    """(batch, bins + cond) -> (batch, out_dim)."""
 
     def __init__(self, in_dim, hidden, out_dim):
         super().__init__()
         self.net = mlp([in_dim] + list(hidden) + [out_dim])
-        self.feature_dim = list(hidden)[-1] if hidden else in_dim
 
     def forward(self, x, cond):
-        """-> (output (batch, out_dim), features (batch, feature_dim): the input of the last layer)."""
-        h = torch.cat([x, cond], dim=-1)
-        last = len(self.net) - 1
-        for i, layer in enumerate(self.net):
-            if i == last:
-                return layer(h), h
-            h = layer(h)
-        return h, h  # unreachable: the MLP has at least one layer
+        return self.net(torch.cat([x, cond], dim=-1))
 
 
 class MLPFrameDecoder(nn.Module):
@@ -281,20 +274,12 @@ class ConvFrameEncoder(nn.Module):
             length, c_in = conv_out_length(length, k, s), c_out
         self.conv = nn.Sequential(*layers)
         self.mlp = mlp([c_in * length, mlp_hidden, out_dim])
-        self.feature_dim = mlp_hidden
 
     def forward(self, x, cond):
-        """-> (output (batch, out_dim), features (batch, mlp_hidden): the input of the last layer)."""
         h = x.unsqueeze(1)  # (batch, 1, bins)
         if cond.shape[-1] > 0:
             h = torch.cat([h, cond.unsqueeze(-1).expand(-1, -1, x.shape[-1])], dim=1)
-        h = self.conv(h).flatten(1)
-        last = len(self.mlp) - 1
-        for i, layer in enumerate(self.mlp):
-            if i == last:
-                return layer(h), h
-            h = layer(h)
-        return h, h  # unreachable: the MLP has at least one layer
+        return self.mlp(self.conv(h).flatten(1))
 
 
 class ConvFrameDecoder(nn.Module):
@@ -324,21 +309,22 @@ class ConvFrameDecoder(nn.Module):
 
 class Predictor(nn.Module):
     """Label predictor (vschaos2's MLPEncoder with a Categorical output) from the latent mean and the
-    encoder's features: logits.
+    normalised input frame: logits.
 
     vschaos2's predictors read the latent only. When the decoder is conditioned on the same label, the
     KL pressure makes the latent shed it (the decoder gets it anyway), and such a predictor forgets
-    as training goes on (pitch accuracy 0.97 -> 0.82 on the demo). The encoder's last hidden layer
-    keeps what the input frame holds, so encode and forward read it too. decode has no input frame:
-    there the features are zeros, and training zeroes them for half of the frames so that the same
-    predictor also makes its best guess from the latent alone."""
+    as training goes on (pitch accuracy 0.97 -> 0.82 on the demo). The input frame holds the label
+    whatever the latent does, and unlike the encoder's features it never changes under the predictor
+    (a predictor reading those chased them: its held-out accuracy fell as training went on), so
+    encode and forward read it too. decode has no input frame: there the frame is zeros, and training
+    hides it on half of the frames so that the same predictor also guesses from the latent alone."""
 
-    def __init__(self, latent_dim, feature_dim, n_classes, nlayers=2, hidden_dims=200):
+    def __init__(self, latent_dim, bins, n_classes, nlayers=2, hidden_dims=200):
         super().__init__()
-        self.net = mlp([latent_dim + feature_dim] + [hidden_dims] * nlayers + [n_classes])
+        self.net = mlp([latent_dim + bins] + [hidden_dims] * nlayers + [n_classes])
 
-    def forward(self, z, features):  # (batch, latent), (batch, features) -> (batch, n_classes)
-        return self.net(torch.cat([z, features], dim=-1))
+    def forward(self, z, frames):  # (batch, latent), (batch, bins) normalised -> (batch, n_classes)
+        return self.net(torch.cat([z, frames], dim=-1))
 
 
 class SpectralVAE(nn.Module):
@@ -376,10 +362,8 @@ class SpectralVAE(nn.Module):
                                             strides[::-1], hidden)
         else:
             raise ValueError(f"unknown architecture '{architecture}' (use mlp or conv)")
-        self.feature_dim = self.encoder.feature_dim  # what predictors read besides the latent
         self.predictors = nn.ModuleDict({
-            t: Predictor(latent_dim, self.feature_dim, int(p["dim"]), **(p.get("args") or {}))
-            for t, p in prediction.items()})
+            t: Predictor(latent_dim, bins, int(p["dim"]), **(p.get("args") or {})) for t, p in prediction.items()})
         self.register_buffer("norm_offset", torch.tensor(0.0))
         self.register_buffer("norm_scale", torch.tensor(1.0))
 
@@ -407,36 +391,31 @@ class SpectralVAE(nn.Module):
 
     def encode(self, x, labels=None):
         """(batch, bins) normalised frames, {task: (batch,) classes} -> mean, log-variance (batch, latent)."""
-        mean, logvar, _ = self.encode_conditioned(x, self.embed(self.encoder_tasks, labels or {}, x.shape[0],
-                                                                 x.device))
-        return mean, logvar
+        return self.encode_conditioned(x, self.embed(self.encoder_tasks, labels or {}, x.shape[0], x.device))
 
     def encode_conditioned(self, x, condition):
-        """encode() given the encoder's condition vector (batch, width) instead of labels
-        -> mean, log-variance (batch, latent), the encoder's features (batch, feature_dim)."""
-        out, features = self.encoder(x, condition)
-        mean, logvar = out.chunk(2, dim=-1)
-        return mean, logvar.clamp(-12.0, 8.0), features
+        """encode() given the encoder's condition vector (batch, width) instead of labels."""
+        mean, logvar = self.encoder(x, condition).chunk(2, dim=-1)
+        return mean, logvar.clamp(-12.0, 8.0)
 
     def decode(self, z, labels=None):
         """(batch, latent) -> (batch, bins) normalised frames."""
         cond = self.embed(self.decoder_tasks, labels or {}, z.shape[0], z.device)
         return self.decoder(z, cond)
 
-    def predict(self, mean, features=None):
-        """Logits of every predictor from the latent mean and the encoder's features (None: zeros, as
-        when decoding a latent alone), both *detached*: predictors never train the encoder."""
-        if features is None:
-            features = mean.new_zeros(mean.shape[0], self.feature_dim)
-        return {t: p(mean.detach(), features.detach()) for t, p in self.predictors.items()}
+    def predict(self, mean, x=None):
+        """Logits of every predictor from the latent mean and the normalised frames x (batch, bins)
+        (None: zeros, as when decoding a latent alone); the mean is *detached*: predictors never
+        train the encoder."""
+        if x is None:
+            x = mean.new_zeros(mean.shape[0], self.bins)
+        return {t: p(mean.detach(), x) for t, p in self.predictors.items()}
 
     @torch.jit.unused  # training and offline only: the nn~ export calls the parts it needs
     def forward(self, x, labels=None, sample=True):
-        """-> reconstruction, mean, logvar, z (the sample, or the mean), the encoder's features."""
-        mean, logvar, features = self.encode_conditioned(
-            x, self.embed(self.encoder_tasks, labels or {}, x.shape[0], x.device))
+        mean, logvar = self.encode(x, labels)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
-        return self.decode(z, labels), mean, logvar, z, features
+        return self.decode(z, labels), mean, logvar, z
 
 
 def fill_missing_labels(model, labels, logits=None):
@@ -452,6 +431,58 @@ def fill_missing_labels(model, labels, logits=None):
             fill = torch.randint(0, dim, y.shape, device=y.device)
         out[task] = torch.where(y < 0, fill, y)
     return out
+
+
+@torch.no_grad()
+def latent_axes(model, mags, labels, class_names=None, batch_size=4096):
+    """The latent space's principal axes over a set of frames (the training set), for playing it.
+
+    mags: (frames, bins) linear magnitudes, labels {task: (frames,) int64, -1 unknown}; class_names
+    {task: {id: name}} (optional) -> {"mean": (D,), "rotation": (D, D) columns = axes, most variance
+    first, "variance": (D,) along each axis, "presets": {task: (classes, D) mean latent of each class's
+    frames in the rotated coordinates (NaN where a class has no frame)}, "preset_names": {task: [name
+    of each class]}}: a plain dict of tensors and strings, stored in the checkpoint."""
+    means = []
+    with torch.random.fork_rng(devices=[]):  # unknown encoder labels are drawn: the same every time
+        torch.manual_seed(0)
+        for start in range(0, len(mags), batch_size):
+            part = {t: v[start:start + batch_size] for t, v in labels.items()}
+            x = model.normalize(mags[start:start + batch_size])
+            means.append(model.encode(x, fill_missing_labels(model, part))[0])
+    z = torch.cat(means).double()  # (frames, D) posterior means
+    centre = z.mean(0)
+    variance, rotation = torch.linalg.eigh(torch.cov((z - centre).t()).reshape(z.shape[1], z.shape[1]))
+    order = torch.argsort(variance, descending=True)
+    variance, rotation = variance[order].clamp(min=0.0), rotation[:, order]
+    rotation = rotation * torch.where(rotation.sum(0) < 0, -1.0, 1.0)  # a fixed sign for each axis
+    rotated = (z - centre) @ rotation
+    presets, names = {}, {}
+    for task, dim in {**model.task_dims, **{t: p.net[-1].out_features for t, p in model.predictors.items()}}.items():
+        if task not in labels:
+            continue
+        y = labels[task]
+        table = torch.full((dim, z.shape[1]), float("nan"), dtype=torch.float64)
+        for c in range(dim):
+            chosen = y == c
+            if chosen.any():
+                table[c] = rotated[chosen].mean(0)
+        presets[task] = table.float()
+        given = (class_names or {}).get(task) or {}
+        names[task] = [str(given.get(c, c)) for c in range(dim)]
+    return {"mean": centre.float(), "rotation": rotation.float(), "variance": variance.float(),
+            "presets": presets, "preset_names": names}
+
+
+def latent_size_for(axes, fidelity=None, latent_size=None):
+    """How many ordered latents an export keeps: latent_size, or the fewest axes explaining at least
+    `fidelity` of the variance (RAVE's --fidelity), else all of them."""
+    total = len(axes["variance"])
+    if latent_size is not None:
+        return max(1, min(int(latent_size), total))
+    if fidelity is None:
+        return total
+    share = torch.cumsum(axes["variance"], 0) / axes["variance"].sum().clamp(min=1e-12)
+    return min(int((share < fidelity - 1e-9).sum()) + 1, total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1436,6 +1467,42 @@ def load_vae(path):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the config ({str(e).splitlines()[0]})") from None
     return model.eval(), checkpoint
+
+
+def store_latent_axes(path, frames, class_names=None):
+    """Compute the latent axes (latent_axes) of the VAE checkpoint at `path` over a data.FrameSet (its
+    training frames) and write them into the checkpoint, as "latent_axes"; returns them."""
+    model, checkpoint = load_vae(path)
+    checkpoint["latent_axes"] = latent_axes(model, frames.mags, frames.labels, class_names)
+    data.save_checkpoint(path, checkpoint)
+    return checkpoint["latent_axes"]
+
+
+def run_latent_axes(checkpoint_path, checkpoint, run_version):
+    """The latent axes stored in a VAE checkpoint; for a run trained before they were, computed from
+    its training files (split.json; the spectra come from the cache) and stored. None, with a note,
+    when the dataset is not at hand."""
+    if "latent_axes" in checkpoint:
+        return checkpoint["latent_axes"]
+    config = checkpoint["config"]
+    ds = config["data"]["dataset"]
+    try:
+        split_path = Path(run_version) / "split.json"
+        if not split_path.is_file():
+            raise UserError(f"{split_path} not found")
+        train_files = json.loads(split_path.read_text())["train"]
+        callbacks = ds["metadata_callbacks"] or {}
+        _, metadata = data.scan_dataset(ds["root"], ds["n_files"], callbacks)
+        frames = data.FrameSet(ds["root"], train_files, metadata, callbacks, config["data"]["transform"],
+                               ds["cache"] or str(Path(config["rundir"]) / "cache"), progress=False, warn=lambda m: None)
+        if len(frames) < 2:
+            raise UserError("no training frame could be read")
+    except (UserError, OSError, KeyError, ValueError) as e:
+        print(f"note: {checkpoint_path} has no latent axes and its training data cannot be read ({e}): the "
+              "latents keep training's order", file=sys.stderr)
+        return None
+    print(f"computing the latent axes of {checkpoint_path} over its {len(frames)} training frames")
+    return store_latent_axes(checkpoint_path, frames, {t: classes for t, (_, classes) in metadata.items()})
 
 
 def prior_config_kwargs(config, n_streams, resolution, n_features):

@@ -1,6 +1,7 @@
 """Export a trained spectral VAE as a TorchScript file for the nn~ external (Max/MSP, PureData).
 
     python script.py path_to_model/ -o output_dir/ -v version_number -n name [--force]
+    python script.py runs/training_name --fidelity 0.95    # the fewest latents explaining 95% (or --latent_size K)
     python script.py --prior --run runs/training_name [--out out/]                 # a prior alone
     python script.py --prior --run runs/training_name --model vae.ts [--out out/]  # model + prior, one file
 
@@ -14,7 +15,9 @@ The exported module implements the nn~ contract itself (no nn_tilde package need
   decode  (latent_0.. [+ decoder labels]) @hop      -> audio @1
   forward (audio [+ one signal per conditioning task]) @1 -> audio [+ pred_<task>] @1
 and keeps its own STFT/ISTFT overlap state, so any buffer that is a multiple of the hop works.
-Attributes: phase_mode (keep_input | rtpghi | random), temperature, latent_scale, latent_bias.
+Attributes: phase_mode (keep_input | rtpghi | random), temperature, latent_scale, latent_bias, preset.
+Latents come out ordered by importance (the principal axes train_vae.py stores in the checkpoint),
+labelled with their share of the variance; --fidelity / --latent_size keep the first ones.
 
 A prior (train_prior.py) exports as `forward` (latent_0..latent_{Q-1} [+ features]) @ratio ->
 (latent_0.. + perplexity) @ratio with attributes temperature, listen and reset (see NnPrior);
@@ -53,9 +56,17 @@ class NnSpectralVAE(nn.Module):
     [0, dim). A negative value means "unknown": the task's predictor guesses it (argmax from the
     frame's latent) where there is one, else class 0 (always class 0 for encoder conditioning).
     Prediction outputs carry the predicted class index, one value per hop, held (never summed).
+
+    Latents are ordered by importance: with the run's latent axes (models.latent_axes) encode outputs
+    y = (z − mean) · axes[:, :K], the K coordinates along the principal axes explaining the most
+    variance, first the most important; decode and forward rebuild z = mean + axes[:, :K] · y, the
+    dropped axes at their mean (or noise of their spread × temperature in decode). K = all axes
+    unless the export asks for fewer (--fidelity / --latent_size). The `preset` attribute recalls a
+    class's mean latent (e.g. `set preset pitch:A`): decode's latent inputs then move around it.
     """
 
     methods: List[str]
+    preset_keys: List[str]
     attributes: List[str]
     phase_modes: List[str]
     encode_input_labels: List[str]
@@ -70,14 +81,37 @@ class NnSpectralVAE(nn.Module):
     decoder_label_dim: List[int]
     decoder_label_predictor: List[int]
 
-    def __init__(self, vae: models.SpectralVAE, sr: int, n_fft: int, hop: int):
+    def __init__(self, vae: models.SpectralVAE, sr: int, n_fft: int, hop: int, axes=None, latent_size=None):
         super().__init__()
         if not data.is_power_of_two(hop):
             raise UserError(f"hop {hop} is not a power of two: nn~ needs power-of-two ratios "
                             f"(retrain with data.transform.hop=256 or another power of two)")
         vae = vae.eval()
         self.sample_rate, self.n_fft, self.hop = int(sr), int(n_fft), int(hop)
-        self.bins, self.latent_dim = n_fft // 2 + 1, vae.latent_dim
+        self.bins = n_fft // 2 + 1
+        ordered = axes is not None
+        if axes is None:  # a run without latent axes: the latents in training's order
+            d = vae.latent_dim
+            axes = {"mean": torch.zeros(d), "rotation": torch.eye(d), "variance": torch.ones(d), "presets": {},
+                    "preset_names": {}}
+        k = models.latent_size_for(axes, None, latent_size)
+        self.latent_dim = k  # latents exposed to nn~, most important first
+        share = axes["variance"] / axes["variance"].sum().clamp(min=1e-12)
+        self.register_buffer("latent_mean", axes["mean"].float().clone())  # (D,)
+        self.register_buffer("latent_axes", axes["rotation"][:, :k].float().contiguous())  # (D, K)
+        self.register_buffer("dropped_axes", axes["rotation"][:, k:].float().contiguous())  # (D, D − K)
+        self.register_buffer("dropped_std", axes["variance"][k:].float().sqrt().contiguous())  # (D − K,)
+        # class presets: "task:name" and "task:id" keys -> a row of preset_table (ordered coordinates)
+        keys, rows = [], []
+        for task, table in axes["presets"].items():
+            for c in range(table.shape[0]):
+                if torch.isfinite(table[c]).all():
+                    name = axes["preset_names"][task][c]
+                    keys += [f"{task}:{name}"] + ([f"{task}:{c}"] if name != str(c) else [])
+                    rows += [table[c, :k]] * (1 if name == str(c) else 2)
+        self.preset_keys = keys
+        self.register_buffer("preset_table", torch.stack(rows).float() if rows else torch.zeros(0, k))
+        self.register_buffer("preset_latent", torch.zeros(k))  # the recalled preset (zeros: none)
         self.vae = vae  # its normalisation, encoder and decoder; the label modules are listed below
         self.live_limit = LIVE_LIMIT
         tasks = list(vae.task_dims)  # every conditioning task, config order: forward's label inputs
@@ -113,7 +147,7 @@ class NnSpectralVAE(nn.Module):
         self.forward_latency = self.encode_latency + self.decode_latency
 
         # nn~ methods: <method>_params = [in_channels, in_ratio, out_channels, out_ratio]
-        latents = [f"latent_{i}" for i in range(self.latent_dim)]
+        latents = [f"latent_{i} ({float(share[i]):.0%})" if ordered else f"latent_{i}" for i in range(k)]
         predictions = [f"pred_{t}" for t in pred_tasks]
         self.methods = ["encode", "decode", "forward"]
         self.encode_input_labels = ["audio"] + list(vae.encoder_tasks)
@@ -128,16 +162,18 @@ class NnSpectralVAE(nn.Module):
             self.register_buffer(f"{method}_params", torch.tensor([len(ins), in_ratio, len(outs), out_ratio]))
 
         # nn~ attributes: <attr>_params = type codes (0 bool, 1 int, 2 float, 3 str)
-        self.attributes = ["phase_mode", "temperature", "latent_scale", "latent_bias"]
+        self.attributes = ["phase_mode", "temperature", "latent_scale", "latent_bias", "preset"]
         self.phase_modes = list(PHASE_MODES)
         self.phase_mode = "keep_input"
         self.temperature = 0.0
         self.latent_scale = 1.0
         self.latent_bias = 0.0
+        self.preset = "none"
         self.register_buffer("phase_mode_params", torch.tensor([3]))
         self.register_buffer("temperature_params", torch.tensor([2]))
         self.register_buffer("latent_scale_params", torch.tensor([2]))
         self.register_buffer("latent_bias_params", torch.tensor([2]))
+        self.register_buffer("preset_params", torch.tensor([3]))
 
     # ---- nn~ introspection -------------------------------------------------------------------
     @torch.jit.export
@@ -218,6 +254,28 @@ class NnSpectralVAE(nn.Module):
         self.latent_bias = value
         return 0
 
+    @torch.jit.export
+    def get_preset(self) -> List[str]:
+        return [self.preset]
+
+    @torch.jit.export
+    def set_preset(self, value: str) -> int:
+        """`task:class` (a class name or id, e.g. pitch:A or pitch:9) recalls that class's mean latent
+        for decode; none clears it."""
+        key = value.strip().replace("=", ":").replace(" ", ":")
+        if key == "none" or key == "":
+            self.preset = "none"
+            self.preset_latent.zero_()
+            return 0
+        for i, known in enumerate(self.preset_keys):
+            if known == key:
+                self.preset = key
+                self.preset_latent.copy_(self.preset_table[i])
+                return 0
+        print("nn~ model: no preset", value, "(task:class, e.g.", self.preset_keys[0] if len(self.preset_keys) > 0
+              else "none: this model has no class presets", ")")
+        return 1
+
     # ---- frame-level helpers -----------------------------------------------------------------
     def _usable(self, x: torch.Tensor, n_inputs: int, in_ratio: int, method: str) -> bool:
         """True when x is (batch, n_inputs, k·hop / in_ratio) with k >= 1; else one printed line."""
@@ -268,12 +326,12 @@ class NnSpectralVAE(nn.Module):
             return torch.zeros(labels.size(0), 0)
         return torch.cat(parts, dim=1)
 
-    def _predict(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Predicted class of every prediction task: z (rows, latent), the encoder's features (rows,
-        feature_dim; zeros in decode, which has no input frame) -> (rows, n_predictions) int64."""
+    def _predict(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Predicted class of every prediction task: z (rows, latent), the normalised input frames x
+        (rows, bins; zeros in decode, which has no input frame) -> (rows, n_predictions) int64."""
         classes: List[torch.Tensor] = []
         for predictor in self.predictors:
-            classes.append(predictor(z, features).argmax(dim=1))
+            classes.append(predictor(z, x).argmax(dim=1))
         if len(classes) == 0:
             return torch.zeros(z.size(0), 0, dtype=torch.long)
         return torch.stack(classes, dim=1)
@@ -293,14 +351,24 @@ class NnSpectralVAE(nn.Module):
         return torch.cat(parts, dim=1)
 
     def _latent(self, spec: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """spec (batch, bins, k) complex, labels (batch·k, n_labels) -> z (batch·k, latent), predicted
-        classes (batch·k, n_predictions) int64 (from the mean and the encoder's features)."""
+        """spec (batch, bins, k) complex, labels (batch·k, n_labels) -> the ordered latents y (batch·k,
+        K), predicted classes (batch·k, n_predictions) int64 (from the mean and the frames)."""
         x = self.vae.normalize(self._frames(spec.abs()))  # (rows, bins)
-        mean, logvar, features = self.vae.encode_conditioned(x, self._encoder_condition(labels))
-        predicted = self._predict(mean, features)
+        mean, logvar = self.vae.encode_conditioned(x, self._encoder_condition(labels))  # (rows, D) each
+        predicted = self._predict(mean, x)
+        z = mean
         if self.temperature > 0.0:
-            return mean + self.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean), predicted
-        return mean, predicted
+            z = mean + self.temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return (z - self.latent_mean) @ self.latent_axes, predicted
+
+    def _unrotate(self, y: torch.Tensor, noise: bool) -> torch.Tensor:
+        """Ordered latents y (rows, K) -> the model's z (rows, D); the dropped axes at their mean, or
+        with noise: their spread × temperature."""
+        z = self.latent_mean + y @ self.latent_axes.t()
+        if noise and self.temperature > 0.0 and self.dropped_std.size(0) > 0:
+            dropped = torch.randn(y.size(0), self.dropped_std.size(0)) * self.dropped_std * self.temperature
+            z = z + dropped @ self.dropped_axes.t()
+        return z
 
     def _magnitude(self, z: torch.Tensor, condition: torch.Tensor, batch: int) -> torch.Tensor:
         """z (rows, latent), condition (rows, width) -> linear magnitude (batch, bins, k)."""
@@ -322,7 +390,7 @@ class NnSpectralVAE(nn.Module):
             encoder_labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_encoder_labels)
             for i in range(self.n_encoder_labels):
                 labels[:, self.encoder_label_channel[i]] = encoder_labels[:, i]
-        z, predicted = self._latent(spec, labels)  # (rows, latent), (rows, predictions)
+        z, predicted = self._latent(spec, labels)  # ordered latents (rows, K), (rows, predictions)
         out = torch.cat([z, predicted.float()], dim=1)  # (rows, latent + predictions)
         return self._unframe(out, batch).contiguous()
 
@@ -334,13 +402,13 @@ class NnSpectralVAE(nn.Module):
         x = x.float()
         batch = x.size(0)
         rows = self._frames(x)  # (rows, latent + decoder labels)
-        z = self._sanitize(rows[:, :self.latent_dim])
+        z = self._unrotate(self._sanitize(rows[:, :self.latent_dim]) + self.preset_latent, True)  # (rows, D)
         # decoder labels sit right after the latent, in decoder-task order
         labels = torch.full((rows.size(0), self.n_labels), -1.0)
         for i in range(self.n_decoder_labels):
             labels[:, self.decoder_label_channel[i]] = rows[:, self.latent_dim + i]
         if self.decode_uses_predictors:  # no input frame here: the predictors read the latent alone
-            predicted = self._predict(z, torch.zeros(rows.size(0), self.vae.feature_dim))
+            predicted = self._predict(z, torch.zeros(rows.size(0), self.bins))
         else:
             predicted = torch.zeros(rows.size(0), 0, dtype=torch.long)
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
@@ -356,8 +424,8 @@ class NnSpectralVAE(nn.Module):
         batch = x.size(0)
         spec = self.forward_stft(self._sanitize(x[:, 0]))  # (batch, bins, k)
         labels = self._frames(self._decimate(x[:, 1:]))  # (rows, n_labels)
-        z, predicted = self._latent(spec, labels)  # (rows, latent), (rows, predictions)
-        z = self._sanitize(z * self.latent_scale + self.latent_bias)
+        y, predicted = self._latent(spec, labels)  # (rows, K), (rows, predictions)
+        z = self._unrotate(self._sanitize(y * self.latent_scale + self.latent_bias), False)  # (rows, D)
         mag = self._magnitude(z, self._decoder_condition(labels, predicted), batch)
         if self.phase_mode == "keep_input":
             out_spec = torch.polar(mag, torch.angle(spec))
@@ -655,10 +723,11 @@ class NnSpectralVAEWithPrior(NnModelWithPrior):
 # Export: build, script, save through a temporary file, test-load, rename
 
 
-def build_module(model, config):
-    """The nn~ module (eager) for a SpectralVAE and its run config."""
+def build_module(model, config, axes=None, latent_size=None):
+    """The nn~ module (eager) for a SpectralVAE and its run config; with the run's latent axes, its
+    latents ordered by importance, the first latent_size of them (default all)."""
     t = config["data"]["transform"]
-    return NnSpectralVAE(model, t["sr"], t["n_fft"], t["hop"]).eval()
+    return NnSpectralVAE(model, t["sr"], t["n_fft"], t["hop"], axes, latent_size).eval()
 
 
 def check_module(module, buffer_size=4096):
@@ -676,8 +745,10 @@ def check_module(module, buffer_size=4096):
                 raise UserError(f"exported method {method} produced non-finite values")
 
 
-def export(path, output_dir=None, version=None, name="last", force=False, verbose=True):
-    """Export a run to <output_dir>/<run name>.ts and return the file's path."""
+def export(path, output_dir=None, version=None, name="last", force=False, verbose=True, fidelity=None,
+           latent_size=None):
+    """Export a run to <output_dir>/<run name>.ts and return the file's path. Latents are ordered by
+    importance; fidelity (a share of the variance, RAVE's flag) or latent_size keeps the first ones."""
     run_version, checkpoint_path = data.find_checkpoint(path, version, name)
     model, checkpoint = models.load_vae(checkpoint_path)
     config = checkpoint["config"]
@@ -685,9 +756,18 @@ def export(path, output_dir=None, version=None, name="last", force=False, verbos
     if output_dir is None:  # the run folder (rundir/name), as the vschaos2 README says
         output_dir = run_version.parent if run_version.name.startswith("version_") else run_version
     target = Path(output_dir) / f"{run_name}.ts"
-    scripted = write_module(build_module(model, config), target, force)
+    axes = models.run_latent_axes(checkpoint_path, checkpoint, run_version)
+    if axes is None and (fidelity is not None or latent_size is not None):
+        raise UserError(f"{checkpoint_path}: --fidelity/--latent_size need the run's latent axes")
+    k = models.latent_size_for(axes, fidelity, latent_size) if axes is not None else None
+    scripted = write_module(build_module(model, config, axes, k), target, force)
     if verbose:
         describe(scripted, target, checkpoint_path)
+        if axes is not None:
+            share = float(axes["variance"][:k].sum() / axes["variance"].sum().clamp(min=1e-12))
+            print(f"latents: {k} of {len(axes['variance'])}, ordered by importance, explaining {share:.1%} of the "
+                  f"variance; presets: {', '.join(scripted.preset_keys[:6]) or 'none'}"
+                  f"{' ...' if len(scripted.preset_keys) > 6 else ''}")
         print("attributes: " + ", ".join(scripted.get_attributes()) + f" (phase_mode: {', '.join(PHASE_MODES)})")
     return target
 
@@ -776,7 +856,19 @@ def parse_args(argv):
     data.add_out_argument(parser, None)
     data.add_checkpoint_arguments(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing .ts file")
+    kept = parser.add_mutually_exclusive_group()
+    kept.add_argument("--fidelity", type=float, default=None,
+                      help="keep the fewest latents (ordered by importance) explaining this share of the "
+                           "variance, e.g. 0.95 (RAVE's flag); default: all latents, still ordered")
+    kept.add_argument(*data.spellings("--latent_size"), type=int, default=None,
+                      help="keep the first K latents (ordered by importance)")
     args = parser.parse_args(argv)
+    if args.fidelity is not None and not 0 < args.fidelity <= 1:
+        parser.error(f"--fidelity is a share of the variance in (0, 1], got {args.fidelity}")
+    if args.latent_size is not None and args.latent_size < 1:
+        parser.error(f"--latent_size must be at least 1, got {args.latent_size}")
+    if args.prior and (args.fidelity is not None or args.latent_size is not None):
+        parser.error("--fidelity and --latent_size apply to a VAE export, not to --prior")
     if (args.path is None) == (args.run is None):
         parser.error("give the run folder once, as a path or with --run")
     args.path = args.path or args.run
@@ -789,7 +881,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.prior:
         return export_prior(args.path, args.out, args.version, args.checkpoint, args.force, args.model)
-    return export(args.path, args.out, args.version, args.checkpoint, args.force)
+    return export(args.path, args.out, args.version, args.checkpoint, args.force, fidelity=args.fidelity,
+                  latent_size=args.latent_size)
 
 
 if __name__ == "__main__":

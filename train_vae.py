@@ -46,7 +46,7 @@ DEFAULTS = {
         "valid_fraction": 0.1,           # share of files held out for validation
         # pitch_p: share of frames shifted by 1..pitch_range semitones, as resampled audio (pitch and
         # octave labels follow); roll: vschaos2's shift by a few bins (not a musical pitch change)
-        "augment": {"pitch_p": 0.8, "pitch_range": 2, "roll_p": 0.0, "roll_range": [-2, 1], "gain_std": 0.1},
+        "augment": {"pitch_p": 0.8, "pitch_range": 4, "roll_p": 0.0, "roll_range": [-2, 1], "gain_std": 0.1},
     },
     "model": {
         "latent_dim": 8,
@@ -171,7 +171,7 @@ def compute_losses(model, mags, labels, config, step, augment=False):
                                            a["roll_range"], a["gain_std"])
     x = vae.normalize(mags)  # (batch, bins)
     cond = models.fill_missing_labels(vae, labels)  # unlabelled -> random classes
-    x_hat, mean, logvar, z, features = model(x, cond, sample=model.training)
+    x_hat, mean, logvar, z = model(x, cond, sample=model.training)
     sc = models.spectral_convergence_loss(x_hat, x)
     log_l1 = (x_hat - x).abs().mean()
     kl = models.kl_divergence(mean, logvar)
@@ -181,10 +181,11 @@ def compute_losses(model, mags, labels, config, step, augment=False):
     if model.training:
         out["beta"] = torch.tensor(beta)
     if vae.predictors:
-        if model.training:  # half of the frames without features: decode's case, the latent alone
-            features = features * (torch.rand(features.shape[0], 1, device=features.device) < 0.5)
+        frames = x
+        if model.training:  # half of the frames hidden from the predictors: decode's case, the latent alone
+            frames = x * (torch.rand(x.shape[0], 1, device=x.device) < 0.5)
         out["predictors"] = torch.zeros((), device=x.device)
-        for task, logits in vae.predict(mean, features).items():
+        for task, logits in vae.predict(mean, frames).items():
             y = labels[task]
             labelled = y >= 0
             # the seed's rule: where the label is unknown the predictor is trained on random labels
@@ -212,12 +213,17 @@ def evaluate(model, frames, config, step, device):
     model.eval()
     totals, counts = {}, {}
     bs = config["train"]["batch_size"]
-    for start in range(0, len(frames), bs):
-        mags = frames.mags[start:start + bs].to(device)
-        labels = {t: v[start:start + bs].to(device) for t, v in frames.labels.items()}
-        for k, v in host_scalars(compute_losses(model, mags, labels, config, step)).items():
-            totals[k] = totals.get(k, 0.0) + v * mags.shape[0]
-            counts[k] = counts.get(k, 0) + mags.shape[0]
+    # the random labels drawn for unlabelled frames are the same at every validation (a fixed seed,
+    # training's generator untouched): two validations of the same weights give the same numbers
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        for start in range(0, len(frames), bs):
+            mags = frames.mags[start:start + bs].to(device)
+            labels = {t: v[start:start + bs].to(device) for t, v in frames.labels.items()}
+            for k, v in host_scalars(compute_losses(model, mags, labels, config, step)).items():
+                totals[k] = totals.get(k, 0.0) + v * mags.shape[0]
+                counts[k] = counts.get(k, 0) + mags.shape[0]
     model.train()
     return {k: totals[k] / counts[k] for k in totals}
 
@@ -233,10 +239,8 @@ def log_examples(writer, model, frames, config, step, device, log_original, max_
     mags = frames.mags[index].to(device)  # (frames, bins)
     labels = {k: v[index].to(device) for k, v in frames.labels.items()}
     x = model.normalize(mags)
-    encoder_labels = models.fill_missing_labels(model, labels)
-    mean, _, features = model.encode_conditioned(x, model.embed(model.encoder_tasks, encoder_labels, x.shape[0],
-                                                                x.device))
-    cond = models.fill_missing_labels(model, labels, model.predict(mean, features))
+    mean, _ = model.encode(x, models.fill_missing_labels(model, labels))
+    cond = models.fill_missing_labels(model, labels, model.predict(mean, x))
     reconstruction = model.denormalize(model.decode(mean, cond)).cpu()  # (frames, bins)
     name = frames.files[0]
     figure = data.spectrogram_figure([(f"original: {name}", mags.t().cpu().numpy()),
@@ -467,6 +471,12 @@ def main(argv=None):
         raise
     if dist_info.is_main:
         writer.close()
+        # the latent space's principal axes and each class's mean latent, in both checkpoints: the
+        # export orders its latents by them (script.py --fidelity) and recalls class presets
+        class_names = {task: classes for task, (_, classes) in metadata.items()}
+        for name in ("last.pt", "best.pt"):
+            if (run_dir / name).exists():
+                models.store_latent_axes(run_dir / name, train_set, class_names)
     data.finish_distributed(model)  # under torchrun: same weights on every rank, then leave the group
     print0(f"done: {run_dir} (best validation spectral convergence {stopper.best:.4f})")
     return run_dir

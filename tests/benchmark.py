@@ -2,8 +2,16 @@
 
     .venv/bin/python tests/benchmark.py                 # every section
     .venv/bin/python tests/benchmark.py --only vae pca  # some sections: vae, pca, phase, pitch, export, distributed,
-                                                        #   prior, prior_export
+                                                        #   prior, prior_export, real_pitch, real_vae, real_latents, real_prior
     .venv/bin/python tests/benchmark.py --json out.json
+
+The real_* sections render notes and melodies of General MIDI instruments with fluidsynth
+(apt-get install fluidsynth timgm6mb-soundfont; they say so and skip without it) into --workdir and
+train on them for a fixed time on 2 CPU threads (real_vae 10 min, real_prior 10 min per config; keep
+a --workdir to reuse the render, the VAE and the latent dataset between sections):
+
+    .venv/bin/python tests/benchmark.py --only real_pitch real_vae real_latents real_prior --workdir bench/
+    .venv/bin/python tests/benchmark.py --only real_prior --workdir bench/ --prior_configs decoder_only --prior_minutes 60
 
 Timings set their thread count explicitly; compare ratios measured in one run (shared machines
 are noisy). Every section prints a small table; --json writes all figures to one file.
@@ -587,18 +595,28 @@ def bench_prior_export(results, workdir=None, buffer=4096, threads=1):
 
 # ---- pitch labels on real instruments --------------------------------------------------------------
 
+def _real_instruments(workdir, title):
+    """(root, train files, held-out files) of the real-instrument dataset rendered into workdir (once),
+    or None, with the reason in a table, where fluidsynth or a General MIDI soundfont is missing."""
+    import real_instruments
+    reason = real_instruments.missing_reason()
+    if reason:
+        table(title, [("skipped", reason)])
+        return None
+    root = workdir / "real_instruments"
+    real_instruments.render_dataset(root)
+    return (root, *real_instruments.split(root))
+
+
 def bench_real_pitch(results, workdir, threads=2):
     """extract_pitch.py with its defaults on the real-instrument notes and melodies: per note, the
     label most of its frames get (note-on to note-off, 0.1 s margins) against the MIDI note played
     (pitch class, octave); on the melodies, the share of note-on frames labelled with the right note;
     and the speed (audio seconds per second, `threads` CPU threads)."""
-    import real_instruments
-    reason = real_instruments.missing_reason()
-    if reason:
-        table("pitch labels on real instruments", [("skipped", reason)])
+    rendered = _real_instruments(workdir, "pitch labels on real instruments")
+    if rendered is None:
         return
-    root = workdir / "real_instruments"
-    real_instruments.render_dataset(root)
+    root = rendered[0]
     labelled = workdir / "real_pitch"  # a copy of the audio (links) that extract_pitch.py labels
     entries = json.loads((root / "notes.json").read_text())
     for e in entries:
@@ -666,7 +684,7 @@ def _midi_name(midi):
 
 # ---- the VAE on real instruments -------------------------------------------------------------------
 
-REAL_VAE = {"minutes": 10.0, "threads": 2, "config": "dgt_normal", "buffer": 2048, "overrides": []}
+REAL_VAE = {"minutes": 10.0, "threads": 2, "config": "dgt_normal", "buffer": 2048, "overrides": [], "run": None}
 # the benchmark's VAE also learns to predict pitch and octave (predictors read detached inputs: the
 # VAE itself trains exactly as plain dgt_normal)
 REAL_VAE_PREDICTION = ["+data.dataset.metadata_callbacks.pitch.name=read_multi_metadata",
@@ -722,24 +740,23 @@ def bench_real_vae(results, workdir):
     Hann 2048/512 STFT, beside PCA-8 and PCA-16 fitted on the same training frames (magnitude frames,
     no phase), the VAE's own magnitude frames (posterior mean, no phase), and the predictors' accuracy
     on the held-out notes' frames."""
-    import real_instruments
-    reason = real_instruments.missing_reason()
-    if reason:
-        table("VAE on real instruments", [("skipped", reason)])
+    rendered = _real_instruments(workdir, "VAE on real instruments")
+    if rendered is None:
         return
+    root, train_files, heldout_files = rendered
     torch.set_num_threads(REAL_VAE["threads"])
-    root = workdir / "real_instruments"
-    real_instruments.render_dataset(root)
-    train_files, heldout_files = real_instruments.split(root)
     entries = {e["path"]: e for e in json.loads((root / "notes.json").read_text())}
     train_root = _training_root(workdir, root, train_files, "real_vae_train_audio")
     started = time.time()
-    run = train_vae.main(["--config", REAL_VAE["config"], "name=real_vae", f"rundir={workdir / 'runs'}",
-                          f"+data.dataset.root={train_root}", "train.max_steps=10000000", "train.val_every=1000",
-                          f"train.max_minutes={REAL_VAE['minutes']}", f"train.num_threads={REAL_VAE['threads']}",
-                          "train.device=cpu", *REAL_VAE_PREDICTION, *REAL_VAE["overrides"]])
-    train_minutes = (time.time() - started) / 60
-    ts = script.export(run, workdir / "real_vae", force=True, verbose=False)
+    if REAL_VAE["run"]:  # a run trained earlier (--vae_run): evaluate it again
+        run, train_minutes = Path(REAL_VAE["run"]), None
+    else:
+        run = train_vae.main(["--config", REAL_VAE["config"], "name=real_vae", f"rundir={workdir / 'runs'}",
+                              f"+data.dataset.root={train_root}", "train.max_steps=10000000", "train.val_every=1000",
+                              f"train.max_minutes={REAL_VAE['minutes']}", f"train.num_threads={REAL_VAE['threads']}",
+                              "train.device=cpu", *REAL_VAE_PREDICTION, *REAL_VAE["overrides"]])
+        train_minutes = (time.time() - started) / 60
+    ts = script.export(run, workdir / "real_vae", force=True, verbose=False, name="best")
     model, checkpoint = models.load_vae(run / "best.pt")
     config = checkpoint["config"]
     t = config["data"]["transform"]
@@ -753,7 +770,7 @@ def bench_real_vae(results, workdir):
         x_train, x_held = model.normalize(train_set.mags), model.normalize(heldout_set.mags)
         centre = x_train.mean(0, keepdim=True)
         _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
-        mean, _, _ = model.encode_conditioned(x_held, torch.zeros(len(x_held), 0))
+        mean, _ = model.encode_conditioned(x_held, torch.zeros(len(x_held), 0))
         frames_vae = model.denormalize(model.decode(mean))
     ref = heldout_set.mags.numpy()
     offline = {f"PCA-{k}": float(sc_db(ref, model.denormalize((x_held - centre) @ v[:k].t() @ v[:k] + centre).numpy()))
@@ -797,7 +814,8 @@ def bench_real_vae(results, workdir):
                            "offline_sc_db": offline,
                            "predictor_accuracy": {k: c / max(n, 1) for k, (c, n) in correct.items()},
                            "validation_sc_best": checkpoint["best_val"]}
-    rows = [("trained", f"{train_minutes:.1f} min, best.pt at step {checkpoint['step']:,} ({REAL_VAE['threads']} threads)"),
+    trained = f"{train_minutes:.1f} min" if train_minutes else f"earlier ({run})"
+    rows = [("trained", f"{trained}, best.pt at step {checkpoint['step']:,} ({REAL_VAE['threads']} threads)"),
             ("held-out files", f"{len(heldout_files)} ({len(notes_scores)} notes at unheard pitches, "
                                f"{len(heldout_files) - len(notes_scores)} melodies)"),
             (f".ts forward, buffer {buffer}, keep_input", f"SC {vae_ts:6.2f} dB (Hann 2048/512; notes only "
@@ -809,6 +827,70 @@ def bench_real_vae(results, workdir):
     print(f"  target: held-out SC <= -13 dB through the .ts: {'met' if vae_ts <= -13 else 'MISSED'}; "
           f"better than PCA-16: {'yes' if vae_ts < offline['PCA-16'] else 'no'}; "
           f"pitch class >= 95%: {'met' if correct['pitch'][0] >= 0.95 * correct['pitch'][1] else 'MISSED'}")
+
+
+# ---- ordered latents and the fidelity knob on real instruments ----------------------------------
+
+def bench_real_latents(results, workdir, sizes=(1, 2, 4, 8)):
+    """The latest real_vae run of this workdir (run `--only real_vae` first) exported with its first K
+    ordered latents (script.py --latent_size K): held-out SC through the .ts forward (buffer 2048,
+    keep_input) against K, beside PCA-K of the training frames; each axis's share of the variance;
+    the export's speed per method on one thread at K = 8 and the smallest K."""
+    runs = sorted((workdir / "runs" / "real_vae").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not runs:
+        table("ordered latents on real instruments", [("skipped", "no real_vae run in this workdir: run --only real_vae")])
+        return
+    run = runs[-1]
+    rendered = _real_instruments(workdir, "ordered latents on real instruments")
+    if rendered is None:
+        return
+    root, train_files, heldout_files = rendered
+    model, checkpoint = models.load_vae(run / "best.pt")
+    axes = models.run_latent_axes(run / "best.pt", checkpoint, run)
+    config = checkpoint["config"]
+    cache = Path(config["rundir"]) / "cache"
+    train_set = load_frames(config, workdir / "real_vae_train_audio", train_files, cache)
+    heldout_set = load_frames(config, root, heldout_files, cache)
+    with torch.no_grad():
+        x_train, x_held = model.normalize(train_set.mags), model.normalize(heldout_set.mags)
+        centre = x_train.mean(0, keepdim=True)
+        _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
+    ref = heldout_set.mags.numpy()
+    share = (axes["variance"] / axes["variance"].sum()).tolist()
+    rows = [("variance share per axis", "  ".join(f"{100 * s:.0f}%" for s in share))]
+    figures = {"variance_share": share, "sizes": {}}
+    for k in sizes:
+        target = script.export(run, workdir / f"real_latents_{k}", force=True, verbose=False, name="best", latent_size=k)
+        torch.set_num_threads(1)
+        host = NnHost(target)
+        latency, buffer = int(host.model.forward_latency), 2048
+        n_labels = host.params["forward"][0] - 1
+        scores = []
+        for key in heldout_files:
+            audio = data.load_audio(root / key, config["data"]["transform"]["sr"])
+            padded = torch.cat([audio, torch.zeros(latency + buffer)])
+            padded = padded[: len(padded) // buffer * buffer]
+            x = torch.cat([padded.view(1, 1, -1), torch.full((1, n_labels, len(padded)), -1.0)], dim=1)
+            scores.append(_stft_db(audio, host.stream("forward", x, buffer)[0, 0, latency: latency + len(audio)]))
+        with torch.no_grad():
+            pca = float(sc_db(ref, model.denormalize((x_held - centre) @ v[:k].t() @ v[:k] + centre).numpy()))
+        speed = {}
+        if k in (min(sizes), max(sizes)):
+            inputs = {"encode": torch.randn(1, 1, buffer) * 0.1,
+                      "decode": torch.cat([torch.randn(1, k, buffer // host.params["decode"][1]),
+                                           torch.full((1, host.params["decode"][0] - k, buffer // host.params["decode"][1]), -1.0)], 1),
+                      "forward": torch.cat([torch.randn(1, 1, buffer) * 0.1, torch.full((1, n_labels, buffer), -1.0)], 1)}
+            for method, x in inputs.items():
+                seconds = _seconds_per_call(host.model, method, [x])
+                speed[method] = buffer / config["data"]["transform"]["sr"] / seconds
+        torch.set_num_threads(REAL_VAE["threads"])
+        figures["sizes"][k] = {"ts_forward_sc_db": float(np.mean(scores)), "pca_sc_db": pca,
+                               "share": float(sum(share[:k])), "x_real_time_1thread": speed}
+        rows.append((f"K = {k} ({100 * sum(share[:k]):.0f}% of the variance)",
+                     f".ts forward SC {np.mean(scores):6.2f} dB   PCA-{k} {pca:6.2f} dB"
+                     + (("   speed " + ", ".join(f"{m} {x:.0f}x" for m, x in speed.items())) if speed else "")))
+    results["real_latents"] = figures
+    table(f"ordered latents on real instruments ({run}, best.pt; held-out files, buffer 2048)", rows)
 
 
 # ---- the prior on real instruments ----------------------------------------------------------------
@@ -824,12 +906,7 @@ def _real_instruments_vae(workdir, root, train_files):
         return Path(REAL_PRIOR["vae"])
     for made in sorted((workdir / "real_vae").glob("*.ts")):
         return made
-    train_root = workdir / "real_prior_train_audio"  # the training files only (links)
-    for key in train_files:
-        target = train_root / key
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to((root / key).resolve())
+    train_root = _training_root(workdir, root, train_files, "real_prior_train_audio")
     run = train_vae.main(["--config", "dgt_normal", "name=real_prior_vae", f"rundir={workdir / 'runs'}",
                           f"+data.dataset.root={train_root}", "train.max_steps=1000000", "train.val_every=1000",
                           f"train.max_minutes={REAL_PRIOR['vae_minutes']}", f"train.num_threads={REAL_PRIOR['threads']}",
@@ -853,16 +930,12 @@ def bench_real_prior(results, workdir):
     REAL_PRIOR["configs"] trained for REAL_PRIOR["minutes"] on REAL_PRIOR["threads"] CPU threads, its
     validation cross-entropy against minutes beside the unigram and first-order Markov baselines on
     the same held-out files (each file on its own), and the exported model's generation speed."""
-    import real_instruments
     import preprocess
-    reason = real_instruments.missing_reason()
-    if reason:
-        table("prior on real instruments", [("skipped", reason)])
+    rendered = _real_instruments(workdir, "prior on real instruments")
+    if rendered is None:
         return
+    root, train_files, _ = rendered
     torch.set_num_threads(REAL_PRIOR["threads"])
-    root = workdir / "real_instruments"
-    real_instruments.render_dataset(root)
-    train_files, _ = real_instruments.split(root)
     vae_ts = _real_instruments_vae(workdir, root, train_files)
     rows = [("VAE", str(vae_ts))]
     needed = {False: any(c != "encoder_decoder_continuous" for c in REAL_PRIOR["configs"]),
@@ -910,7 +983,7 @@ def bench_real_prior(results, workdir):
 
 SECTIONS = {"vae": bench_vae_training, "pca": bench_vae_vs_pca, "phase": bench_phase, "pitch": bench_pitch, "export": bench_export,
             "distributed": bench_distributed, "prior": bench_prior, "prior_export": bench_prior_export,
-            "real_pitch": bench_real_pitch, "real_vae": bench_real_vae, "real_prior": bench_real_prior}
+            "real_pitch": bench_real_pitch, "real_vae": bench_real_vae, "real_latents": bench_real_latents, "real_prior": bench_real_prior}
 
 
 def main():
@@ -921,13 +994,14 @@ def main():
     parser.add_argument("--vae_minutes", type=float, default=REAL_VAE["minutes"],
                         help="real_vae: training minutes (default 10)")
     parser.add_argument("--vae_overrides", nargs="*", default=[], help="real_vae: config overrides (key=value)")
+    parser.add_argument("--vae_run", help="real_vae: evaluate this run (a version folder) instead of training one")
     parser.add_argument("--prior_minutes", type=float, default=REAL_PRIOR["minutes"],
                         help="real_prior: training minutes per config (default 10; the issue's second target is 60)")
     parser.add_argument("--prior_configs", nargs="*", default=REAL_PRIOR["configs"], help="real_prior: configs to train")
     parser.add_argument("--vae", help="real_prior: the VAE .ts whose latents the prior learns (default: the real_vae "
                                       "section's, or one trained here)")
     args = parser.parse_args()
-    REAL_VAE.update(minutes=args.vae_minutes, overrides=args.vae_overrides)
+    REAL_VAE.update(minutes=args.vae_minutes, overrides=args.vae_overrides, run=args.vae_run)
     REAL_PRIOR.update(minutes=args.prior_minutes, configs=args.prior_configs, vae=args.vae)
     results = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,8 +77,13 @@ def test_methods_params_labels_and_latency(trained):
     assert host.params["encode"] == [1, 1, LATENT + 2, HOP]
     assert host.params["decode"] == [LATENT + 2, HOP, 1, 1]
     assert host.params["forward"] == [3, 1, 3, 1]
-    assert model.encode_output_labels == [f"latent_{i}" for i in range(LATENT)] + ["pred_pitch", "pred_octave"]
-    assert model.decode_input_labels == [f"latent_{i}" for i in range(LATENT)] + ["pitch", "octave"]
+    # latents ordered by importance, each labelled with its rank and share of the variance
+    latents = model.encode_output_labels[:LATENT]
+    assert [label.split(" ")[0] for label in latents] == [f"latent_{i}" for i in range(LATENT)]
+    shares = [int(label.split("(")[1].rstrip("%)")) for label in latents]
+    assert shares == sorted(shares, reverse=True) and 95 <= sum(shares) <= 105
+    assert model.encode_output_labels[LATENT:] == ["pred_pitch", "pred_octave"]
+    assert model.decode_input_labels == latents + ["pitch", "octave"]
     assert model.forward_input_labels == ["audio", "pitch", "octave"]
     assert model.forward_output_labels == ["audio", "pred_pitch", "pred_octave"]
     for method, (in_ch, in_ratio, out_ch, out_ratio) in host.params.items():
@@ -94,9 +99,9 @@ def test_methods_params_labels_and_latency(trained):
 
 def test_attributes_and_sample_rate(trained):
     model = NnHost(trained[0]).model
-    assert model.get_attributes() == ["phase_mode", "temperature", "latent_scale", "latent_bias"]
+    assert model.get_attributes() == ["phase_mode", "temperature", "latent_scale", "latent_bias", "preset"]
     codes = {a: getattr(model, f"{a}_params").tolist() for a in model.get_attributes()}
-    assert codes == {"phase_mode": [3], "temperature": [2], "latent_scale": [2], "latent_bias": [2]}
+    assert codes == {"phase_mode": [3], "temperature": [2], "latent_scale": [2], "latent_bias": [2], "preset": [3]}
     assert model.get_phase_mode() == ["keep_input"] and model.get_temperature() == [0.0]
     for mode in ("rtpghi", "random", "keep_input"):
         assert model.set_phase_mode(mode) == 0 and model.get_phase_mode() == [mode]
@@ -307,7 +312,7 @@ def test_predictions_are_held_class_indices(labelled):
     assert set(blocks[:, 0].tolist()) <= set(range(12))  # class indices of the 12 pitch classes
     # what a predictor reading the latent alone (decode's case) says differs: encode reads the frames too
     with torch.no_grad():
-        latent_only = model.predictors["pitch"](z.t(), torch.zeros(z.shape[1], model.feature_dim)).argmax(-1)
+        latent_only = model.predictors["pitch"](z.t(), torch.zeros(z.shape[1], model.bins)).argmax(-1)
     assert not torch.equal(blocks[:, 0], latent_only.float())
 
 
@@ -425,5 +430,76 @@ def test_pd_example_patch_matches_the_exported_demo_model(trained):
         if boxes[src][1] == "msg" and boxes[src][4] == "set":
             attribute, value = boxes[src][5], boxes[src][6]
             assert attribute in host.model.get_attributes()
-            if attribute == "phase_mode":
+            if attribute in ("phase_mode", "preset"):
                 assert getattr(host.model, f"set_{attribute}")(value) == 0
+
+
+# ---- ordered latents, the fidelity knob, class presets (issue 17) ------------------------------
+
+
+def test_latent_axes_order_the_latents_by_variance_and_presets_are_class_means():
+    torch.manual_seed(0)
+    model = models.SpectralVAE(bins=33, latent_dim=4).eval()
+    mags = torch.rand(300, 33) * torch.linspace(0.1, 3, 300)[:, None]
+    labels = {"pitch": torch.arange(300) % 3 - (torch.arange(300) % 7 == 0).long() * 10}  # some -10: unknown
+    axes = models.latent_axes(model, mags, labels, {"pitch": {0: "C", 1: "C#", 2: "D"}})
+    assert torch.all(axes["variance"][:-1] >= axes["variance"][1:])
+    assert torch.allclose(axes["rotation"].t() @ axes["rotation"], torch.eye(4), atol=1e-5)
+    with torch.no_grad():
+        z = model.encode(model.normalize(mags))[0]
+    rotated = (z - axes["mean"]) @ axes["rotation"]
+    assert torch.allclose(rotated.var(0), axes["variance"], rtol=1e-3, atol=1e-7)
+    assert axes["preset_names"] == {}  # pitch is neither conditioned nor predicted: no presets
+    model = models.SpectralVAE(bins=33, latent_dim=4, prediction={"pitch": {"dim": 4}}).eval()
+    axes = models.latent_axes(model, mags, labels, {"pitch": {0: "C", 1: "C#", 2: "D"}})
+    with torch.no_grad():
+        z = model.encode(model.normalize(mags))[0]
+    rotated = (z - axes["mean"]) @ axes["rotation"]
+    assert torch.allclose(axes["presets"]["pitch"][1], rotated[labels["pitch"] == 1].mean(0), atol=1e-5)
+    assert torch.isnan(axes["presets"]["pitch"][3]).all()  # no frame of class 3
+    assert axes["preset_names"]["pitch"] == ["C", "C#", "D", "3"]
+    assert models.latent_size_for(axes, fidelity=1.0) == 4 and models.latent_size_for(axes, latent_size=2) == 2
+    share = axes["variance"][0] / axes["variance"].sum()
+    assert models.latent_size_for(axes, fidelity=float(share) * 0.99) == 1
+
+
+def test_the_fidelity_knob_keeps_the_most_important_latents(trained, tmp_path):
+    path, run_dir = trained
+    code, out, err = run_script("script.py", run_dir, "--fidelity", "0.6", "--out", tmp_path)
+    assert code == 0, err
+    host = NnHost(tmp_path / "exp.ts")
+    k = host.params["decode"][0] - 2  # decode's latent inputs (then pitch, octave)
+    checkpoint = data.load_checkpoint(run_dir / "last.pt")
+    variance = checkpoint["latent_axes"]["variance"]
+    share = torch.cumsum(variance, 0) / variance.sum()
+    assert 1 <= k < LATENT and share[k - 1] >= 0.6 and (k == 1 or share[k - 2] < 0.6)
+    assert host.params["encode"][2] == k + 2 and "latents: %d of 8" % k in out
+    audio = torch.cat([tones(1), torch.full((1, 2, N_SAMPLES), -1.0)], 1)
+    encoded = host.stream("encode", audio[:, :1], 2048)
+    assert encoded.shape[1] == k + 2 and torch.isfinite(encoded).all()
+    decoded = host.stream("decode", torch.cat([encoded[:, :k], torch.full((1, 2, encoded.shape[2]), -1.0)], 1), 2048)
+    assert decoded.shape == (1, 1, N_SAMPLES) and decoded.abs().max() > 0
+    # all latents, ordered: forward sounds as the unordered model's (a rotation and back)
+    full = NnHost(path).stream("forward", audio, 2048)
+    model, checkpoint = models.load_vae(run_dir / "last.pt")
+    plain = torch.jit.script(script.build_module(model, checkpoint["config"]))
+    host_plain = NnHost(path)
+    host_plain.model = plain
+    assert torch.allclose(host_plain.stream("forward", audio, 2048), full, atol=1e-4)
+    code, _, err = run_script("script.py", run_dir, "--fidelity", "1.5", "--out", tmp_path)
+    assert code == 2 and "--fidelity" in err
+
+
+def test_a_preset_recalls_a_class_mean_latent_in_decode(trained):
+    path, run_dir = trained
+    model = NnHost(path).model
+    assert "pitch:C" in model.preset_keys and "pitch:0" in model.preset_keys
+    latents = torch.zeros(1, LATENT + 2, 32 * HOP)
+    latents[:, LATENT:] = -1.0
+    plain = NnHost(path).stream("decode", latents, 2048)
+    host = NnHost(path)
+    assert host.model.set_preset("pitch:E") == 0 and host.model.get_preset() == ["pitch:E"]
+    with_preset = host.stream("decode", latents, 2048)
+    assert not torch.allclose(with_preset, plain, atol=1e-4)
+    assert host.model.set_preset("pitch:A") == 1 and host.model.get_preset() == ["pitch:E"]  # no A: kept
+    assert host.model.set_preset("none") == 0 and torch.allclose(NnHost(path).stream("decode", latents, 2048), plain)

@@ -123,3 +123,14 @@ def test_nothing_an_earlier_run_wrote_is_replaced_without_force(run_dir, demo_ro
     generate.main(traj)
     with pytest.raises(UserError, match="line_0.wav already exists .and 1 more."):
         generate.main(traj)
+
+
+def test_a_walk_from_one_class_to_another(run_dir, tmp_path):
+    generate.main(["trajectories", str(run_dir), "--from-class", "pitch=C", "--to-class", "octave=4", "-s", "30",
+                   "--out", str(tmp_path), "--phase", "rtpghi"])
+    z = np.load(tmp_path / "trajectories/class_pitch-C_to_octave-4.npy")
+    audio, sr = sf.read(tmp_path / "trajectories/class_pitch-C_to_octave-4.wav")
+    assert z.shape == (30, 8) and len(audio) == 29 * 64 and not np.allclose(z[0], z[-1])
+    with pytest.raises(UserError, match="no training frame of class 'X'"):
+        generate.main(["trajectories", str(run_dir), "--from-class", "pitch=X", "--to-class", "pitch=C",
+                       "--out", str(tmp_path / "b")])

@@ -48,7 +48,13 @@ def test_training_lowers_validation_loss_and_writes_the_run(demo_root, tmp_path)
     assert all(abs(t - (v + p)) < 1e-3 for (_, t), (_, v), (_, p) in zip(total, loss, predictors))
     # best.pt holds the step of the lowest validation spectral convergence
     best_step = min(valid, key=lambda sv: sv[1])[0]
-    assert torch.load(run_dir / "best.pt", weights_only=True)["step"] == best_step
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["step"] == best_step
+    # both checkpoints carry the latent axes (ordered latents at export) and the class presets
+    for checkpoint in (best, torch.load(run_dir / "last.pt", weights_only=True)):
+        axes = checkpoint["latent_axes"]
+        assert axes["rotation"].shape == (8, 8) and torch.all(axes["variance"][:-1] >= axes["variance"][1:])
+        assert axes["preset_names"]["pitch"][0] == "C" and axes["presets"]["octave"].shape == (8, 8)
     saved = data.read_yaml(run_dir / "config.yaml")
     assert saved["data"]["transform"]["n_fft"] == 256 and saved["data"]["dataset"]["root"] == str(demo_root)
     split = json.loads((run_dir / "split.json").read_text())
@@ -62,7 +68,7 @@ def test_checkpoint_reloads_with_weights_only_and_reconstructs(demo_root, tmp_pa
     model, _ = models.load_vae(run_dir / "best.pt")
     assert model.norm_scale.item() > 0.1  # normalisation statistics travel with the model
     x = torch.rand(5, 129)
-    x_hat, mean, logvar, z, features = model(x, {"pitch": torch.zeros(5, dtype=torch.long),
+    x_hat, mean, logvar, z = model(x, {"pitch": torch.zeros(5, dtype=torch.long),
                                        "octave": torch.ones(5, dtype=torch.long)}, sample=False)
     assert x_hat.shape == (5, 129) and mean.shape == (5, 8) and torch.isfinite(x_hat).all()
 
@@ -104,9 +110,9 @@ def test_conv_architecture_builds_for_every_transform_size():
 
 def test_predictors_do_not_train_the_encoder():
     model = models.SpectralVAE(bins=33, latent_dim=4, prediction={"p": {"dim": 3}})
-    mean, _, features = model.encode_conditioned(torch.rand(8, 33), torch.zeros(8, 0))
-    assert features.shape == (8, model.feature_dim) and features.requires_grad
-    loss = torch.nn.functional.cross_entropy(model.predict(mean, features)["p"], torch.zeros(8, dtype=torch.long))
+    x = torch.rand(8, 33)
+    mean, _ = model.encode(x)
+    loss = torch.nn.functional.cross_entropy(model.predict(mean, x)["p"], torch.zeros(8, dtype=torch.long))
     loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None for p in model.predictors.parameters())
