@@ -88,6 +88,14 @@ def sc_db(reference, estimate):
     return 20 * np.log10(np.linalg.norm(reference - estimate) / np.linalg.norm(reference))
 
 
+def pca_reconstructions(x_train, x_test, sizes):
+    """{k: x_test projected on the first k principal axes of x_train and back} (frames, bins) each:
+    the PCA baseline of a VAE with latent size k, fitted on the same training frames."""
+    centre = x_train.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)  # rows of v: the axes
+    return {k: (x_test - centre) @ v[:k].t() @ v[:k] + centre for k in sizes}
+
+
 def bench_vae_vs_pca(results, workdir, threads=2, steps=3000):
     """Reconstruction of held-out files: VAE (posterior mean) vs PCA with the same latent size.
 
@@ -111,10 +119,7 @@ def bench_vae_vs_pca(results, workdir, threads=2, steps=3000):
         mean, _ = model.encode(x_valid)
         vae_mag = model.denormalize(model.decode(mean)).numpy()
     k = config["model"]["latent_dim"]
-    centre = x_train.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
-    basis = v[:k]  # (k, bins): the first k principal axes
-    pca_x = (x_valid - centre) @ basis.t() @ basis + centre
+    pca_x = pca_reconstructions(x_train, x_valid, [k])[k]
     pca_mag = model.denormalize(pca_x).numpy()
     ref = valid.mags.numpy()
     rows = []
@@ -721,6 +726,18 @@ def _stft_db(reference, estimate, n_fft=2048, hop=512):
     return float(20 * torch.log10(torch.linalg.norm(ref - est) / torch.linalg.norm(ref)))
 
 
+def _played_forward(host, audio, buffer):
+    """`audio` (samples,) through the .ts `forward` buffer by buffer as nn~ plays it, every label input
+    -1 (unknown): the outputs (1 + predictions, samples) aligned with the input (the method's
+    latency removed)."""
+    latency = int(host.model.forward_latency)
+    padded = torch.cat([audio, torch.zeros(latency + buffer)])
+    padded = padded[: len(padded) // buffer * buffer]
+    n_labels = host.params["forward"][0] - 1
+    x = torch.cat([padded.view(1, 1, -1), torch.full((1, n_labels, len(padded)), -1.0)], dim=1)
+    return host.stream("forward", x, buffer)[0, :, latency: latency + len(audio)]
+
+
 def _note_frames(entry, frames, hop, sr, margin=0.1):
     """(frame indices, midi) of the frames inside each note-on segment of a notes.json entry (margins cut)."""
     index, midi = [], []
@@ -768,37 +785,29 @@ def bench_real_vae(results, workdir):
     heldout_set = load_frames(config, root, heldout_files, cache)
     with torch.no_grad():
         x_train, x_held = model.normalize(train_set.mags), model.normalize(heldout_set.mags)
-        centre = x_train.mean(0, keepdim=True)
-        _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
+        pca = pca_reconstructions(x_train, x_held, (8, 16))
         mean, _ = model.encode_conditioned(x_held, torch.zeros(len(x_held), 0))
         frames_vae = model.denormalize(model.decode(mean))
     ref = heldout_set.mags.numpy()
-    offline = {f"PCA-{k}": float(sc_db(ref, model.denormalize((x_held - centre) @ v[:k].t() @ v[:k] + centre).numpy()))
-               for k in (8, 16)}
+    offline = {f"PCA-{k}": float(sc_db(ref, model.denormalize(x).numpy())) for k, x in pca.items()}
     offline["VAE frames (no phase)"] = float(sc_db(ref, frames_vae.numpy()))
 
     # the .ts forward, buffer by buffer, as nn~ plays it; predicted labels on the note frames
     torch.set_num_threads(1)
     host = NnHost(ts)
-    latency = int(host.model.forward_latency)
     buffer = REAL_VAE["buffer"]
-    n_labels = host.params["forward"][0] - 1
     scores, notes_scores, correct = [], [], {"pitch": [0, 0], "octave": [0, 0], "both": [0, 0]}
     tasks = [name[5:] for name in host.model.forward_output_labels[1:]]  # pred_pitch, pred_octave
     for key in heldout_files:
         audio = data.load_audio(root / key, sr)
-        padded = torch.cat([audio, torch.zeros(latency + buffer)])
-        padded = padded[: len(padded) // buffer * buffer]
-        x = torch.cat([padded.view(1, 1, -1), torch.full((1, n_labels, len(padded)), -1.0)], dim=1)
-        out = host.stream("forward", x, buffer)[0]  # (1 + predictions, samples)
-        heard = out[0, latency: latency + len(audio)]
-        sc = _stft_db(audio, heard)
+        out = _played_forward(host, audio, buffer)  # (1 + predictions, samples)
+        sc = _stft_db(audio, out[0])
         scores.append(sc)
         entry = entries[key]
         if entry["kind"] != "note" or not tasks:
             continue
         notes_scores.append(sc)
-        predicted = out[1:, latency::hop]  # (predictions, frames): the class held at each hop
+        predicted = out[1:, ::hop]  # (predictions, frames): the class held at each hop
         index, midi = _note_frames(entry, predicted.shape[1], hop, sr)
         by_task = {task: predicted[i, index].round().long().numpy() for i, task in enumerate(tasks)}
         ok = {"pitch": by_task.get("pitch") == midi % 12, "octave": by_task.get("octave") == midi // 12 - 1}
@@ -852,9 +861,7 @@ def bench_real_latents(results, workdir, sizes=(1, 2, 4, 8)):
     train_set = load_frames(config, workdir / "real_vae_train_audio", train_files, cache)
     heldout_set = load_frames(config, root, heldout_files, cache)
     with torch.no_grad():
-        x_train, x_held = model.normalize(train_set.mags), model.normalize(heldout_set.mags)
-        centre = x_train.mean(0, keepdim=True)
-        _, _, v = torch.linalg.svd(x_train - centre, full_matrices=False)
+        pca = pca_reconstructions(model.normalize(train_set.mags), model.normalize(heldout_set.mags), sizes)
     ref = heldout_set.mags.numpy()
     share = (axes["variance"] / axes["variance"].sum()).tolist()
     rows = [("variance share per axis", "  ".join(f"{100 * s:.0f}%" for s in share))]
@@ -863,17 +870,12 @@ def bench_real_latents(results, workdir, sizes=(1, 2, 4, 8)):
         target = script.export(run, workdir / f"real_latents_{k}", force=True, verbose=False, name="best", latent_size=k)
         torch.set_num_threads(1)
         host = NnHost(target)
-        latency, buffer = int(host.model.forward_latency), 2048
-        n_labels = host.params["forward"][0] - 1
+        buffer, n_labels = 2048, host.params["forward"][0] - 1
         scores = []
         for key in heldout_files:
             audio = data.load_audio(root / key, config["data"]["transform"]["sr"])
-            padded = torch.cat([audio, torch.zeros(latency + buffer)])
-            padded = padded[: len(padded) // buffer * buffer]
-            x = torch.cat([padded.view(1, 1, -1), torch.full((1, n_labels, len(padded)), -1.0)], dim=1)
-            scores.append(_stft_db(audio, host.stream("forward", x, buffer)[0, 0, latency: latency + len(audio)]))
-        with torch.no_grad():
-            pca = float(sc_db(ref, model.denormalize((x_held - centre) @ v[:k].t() @ v[:k] + centre).numpy()))
+            scores.append(_stft_db(audio, _played_forward(host, audio, buffer)[0]))
+        pca_db = float(sc_db(ref, model.denormalize(pca[k]).numpy()))
         speed = {}
         if k in (min(sizes), max(sizes)):
             inputs = {"encode": torch.randn(1, 1, buffer) * 0.1,
@@ -884,10 +886,10 @@ def bench_real_latents(results, workdir, sizes=(1, 2, 4, 8)):
                 seconds = _seconds_per_call(host.model, method, [x])
                 speed[method] = buffer / config["data"]["transform"]["sr"] / seconds
         torch.set_num_threads(REAL_VAE["threads"])
-        figures["sizes"][k] = {"ts_forward_sc_db": float(np.mean(scores)), "pca_sc_db": pca,
+        figures["sizes"][k] = {"ts_forward_sc_db": float(np.mean(scores)), "pca_sc_db": pca_db,
                                "share": float(sum(share[:k])), "x_real_time_1thread": speed}
         rows.append((f"K = {k} ({100 * sum(share[:k]):.0f}% of the variance)",
-                     f".ts forward SC {np.mean(scores):6.2f} dB   PCA-{k} {pca:6.2f} dB"
+                     f".ts forward SC {np.mean(scores):6.2f} dB   PCA-{k} {pca_db:6.2f} dB"
                      + (("   speed " + ", ".join(f"{m} {x:.0f}x" for m, x in speed.items())) if speed else "")))
     results["real_latents"] = figures
     table(f"ordered latents on real instruments ({run}, best.pt; held-out files, buffer 2048)", rows)
