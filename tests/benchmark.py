@@ -718,24 +718,82 @@ def _training_root(workdir, root, train_files, name):
     return train_root
 
 
-def _stft_db(reference, estimate, n_fft=2048, hop=512):
-    """Spectral convergence (dB) of estimate against reference audio (samples,) on a Hann n_fft/hop STFT."""
+def _stft_db(reference, estimate, n_fft=2048, hop=512, floor_db=-80.0, sounding_db=-60.0):
+    """(spectral convergence, log-spectral distance), both in dB, of estimate against reference audio
+    (samples,) on a Hann n_fft/hop STFT. SC = 20·log10(‖|S|−|Ŝ|‖ / ‖|S|‖) hears the loud partials; the
+    log-spectral distance (per frame, the RMS over bins of the difference of the two spectra in dB, both
+    floored `floor_db` below the reference's loudest bin, averaged over the frames whose loudest bin is
+    within `sounding_db` of it) hears the quiet ones too."""
     window = torch.hann_window(n_fft)
-    ref = torch.stft(reference, n_fft, hop, window=window, return_complex=True).abs()
+    ref = torch.stft(reference, n_fft, hop, window=window, return_complex=True).abs()  # (bins, frames)
     est = torch.stft(estimate, n_fft, hop, window=window, return_complex=True).abs()
-    return float(20 * torch.log10(torch.linalg.norm(ref - est) / torch.linalg.norm(ref)))
+    sc = float(20 * torch.log10(torch.linalg.norm(ref - est) / torch.linalg.norm(ref)))
+    peak = ref.max()
+    floor = peak * 10 ** (floor_db / 20)
+    difference = 20 * torch.log10(ref.clamp(min=floor)) - 20 * torch.log10(est.clamp(min=floor))
+    sounding = ref.amax(0) > peak * 10 ** (sounding_db / 20)
+    return sc, float(difference.pow(2).mean(0).sqrt()[sounding].mean())
 
 
-def _played_forward(host, audio, buffer):
-    """`audio` (samples,) through the .ts `forward` buffer by buffer as nn~ plays it, every label input
-    -1 (unknown): the outputs (1 + predictions, samples) aligned with the input (the method's
-    latency removed)."""
+def _score_labels(entry, tasks, n_samples, sr, classes):
+    """Label signals (len(tasks), n_samples) of a notes.json entry for the given tasks, as a user who
+    knows the score would send them: pitch class and octave during each note (-1 between notes),
+    the instrument's class all along; -1 for any other task."""
+    signals = torch.full((len(tasks), n_samples), -1.0)
+    for i, task in enumerate(tasks):
+        if task == "instrument":
+            signals[i] = float(classes["instrument"].index(entry["instrument"]))
+        elif task in ("pitch", "octave"):
+            for start, end, midi in entry["segments"]:
+                value = midi % 12 if task == "pitch" else midi // 12 - 1
+                signals[i, int(start * sr):int(end * sr)] = float(value)
+    return signals
+
+
+def _played_forward(host, audio, buffer, labels=None):
+    """`audio` (samples,) through the .ts `forward` buffer by buffer as nn~ plays it, with `labels`
+    (label inputs, samples) or every label input -1 (unknown): the outputs (1 + predictions, samples)
+    aligned with the input (the method's latency removed)."""
     latency = int(host.model.forward_latency)
-    padded = torch.cat([audio, torch.zeros(latency + buffer)])
-    padded = padded[: len(padded) // buffer * buffer]
     n_labels = host.params["forward"][0] - 1
-    x = torch.cat([padded.view(1, 1, -1), torch.full((1, n_labels, len(padded)), -1.0)], dim=1)
-    return host.stream("forward", x, buffer)[0, :, latency: latency + len(audio)]
+    if labels is None:
+        labels = torch.full((n_labels, len(audio)), -1.0)
+    signals = torch.cat([audio.view(1, -1), labels])
+    padded = torch.cat([signals, torch.full((len(signals), latency + buffer), -1.0)], dim=1)
+    padded[0, len(audio):] = 0.0
+    padded = padded[:, : padded.shape[1] // buffer * buffer]
+    return host.stream("forward", padded.unsqueeze(0), buffer)[0, :, latency: latency + len(audio)]
+
+
+def _played_chain(host, audio, buffer, labels=None):
+    """`audio` through `encode` then `decode`, buffer by buffer, as two nn~ objects (or a patch that
+    moves the latents between them) play it: decode gets encode's latents and, for its label inputs,
+    `labels` ((forward's label inputs, samples), the ones decode takes picked out) or -1. The audio
+    (samples,), aligned with the input (both methods' latencies removed)."""
+    model = host.model
+    latency = int(model.encode_latency) + int(model.decode_latency)
+    tasks = list(model.forward_input_labels[1:])
+    padded_len = (len(audio) + latency + buffer) // buffer * buffer
+    x = torch.zeros(1, 1 + int(model.n_encoder_labels), padded_len)
+    x[0, 0, :len(audio)] = audio
+    given = torch.full((len(tasks), padded_len), -1.0)
+    if labels is not None:
+        given[:, :len(audio)] = labels
+    for i, task in enumerate(model.encode_input_labels[1:]):
+        x[0, 1 + i] = given[tasks.index(task)]
+    decoder_tasks = list(model.decode_input_labels[int(model.latent_dim):])
+    outputs = []
+    for start in range(0, padded_len, buffer):
+        latents = host.perform("encode", x[..., start:start + buffer])[:, :int(model.latent_dim)]
+        decoder_labels = torch.stack([given[tasks.index(t), start:start + buffer] for t in decoder_tasks]
+                                     ).unsqueeze(0) if decoder_tasks else latents[:, :0]
+        outputs.append(host.perform("decode", torch.cat([latents, decoder_labels], dim=1)))
+    return torch.cat(outputs, dim=-1)[0, 0, latency: latency + len(audio)]
+
+
+# the paths a user hears, each through the .ts buffer by buffer: (name, method, phase mode)
+HEARD_PATHS = [("forward keep_input", "forward", "keep_input"), ("forward rtpghi", "forward", "rtpghi"),
+               ("encode -> decode rtpghi", "chain", "rtpghi"), ("encode -> decode random", "chain", "random")]
 
 
 def _note_frames(entry, frames, hop, sr, margin=0.1):
@@ -749,93 +807,181 @@ def _note_frames(entry, frames, hop, sr, margin=0.1):
     return np.array(index, dtype=np.int64), np.array(midi, dtype=np.int64)
 
 
+def _training_frames_per_s(config, train_set, augment, threads, seconds=20.0, warmup=10):
+    """Training steps of `config` on `train_set` as train_vae.py runs them (its compute_losses, Adam),
+    with or without the augmentations: frames per second over `seconds` after `warmup` steps."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = models.build_vae(config)
+    model.set_normalization(train_set.mags)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["train"]["lr"])
+    bs = config["train"]["batch_size"]
+    step, frames, start = 0, 0, None
+    while start is None or time.perf_counter() - start < seconds:
+        if step == warmup:
+            start, frames = time.perf_counter(), 0
+        idx = torch.randint(0, len(train_set), (bs,))
+        losses = train_vae.compute_losses(model, train_set.mags[idx], {k: v[idx] for k, v in train_set.labels.items()},
+                                          config, step, augment=augment)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        step, frames = step + 1, frames + bs
+    return frames / (time.perf_counter() - start)
+
+
+def _method_speeds(host, buffer, sr, threads=1):
+    """Real-time factor of every method and phase mode of an exported model at `buffer`, batch 1,
+    `threads` CPU thread(s), on noise (labels unknown: the costlier predicted path)."""
+    torch.set_num_threads(threads)
+    model, params = host.model, host.params
+    torch.manual_seed(0)
+    audio = [torch.randn(1, 1, buffer) * 0.1 for _ in range(4)]
+    forward = [torch.cat([a, torch.full((1, params["forward"][0] - 1, buffer), -1.0)], 1) for a in audio]
+    encode = [torch.cat([a, torch.zeros(1, params["encode"][0] - 1, buffer)], 1) for a in audio]
+    frames = buffer // params["decode"][1]
+    with torch.no_grad():
+        decode = [torch.cat([model.encode(x)[:, :int(model.latent_dim)],
+                             torch.full((1, params["decode"][0] - int(model.latent_dim), frames), -1.0)], 1)
+                  for x in encode]
+    speeds = {}
+    for method, mode, inputs in (("forward", "keep_input", forward), ("forward", "rtpghi", forward),
+                                 ("forward", "random", forward), ("encode", None, encode),
+                                 ("decode", "rtpghi", decode), ("decode", "random", decode)):
+        if mode:
+            model.set_phase_mode(mode)
+        speeds[f"{method} {mode}" if mode else method] = buffer / sr / _seconds_per_call(model, method, inputs)
+    model.set_phase_mode("keep_input")
+    return speeds
+
+
 def bench_real_vae(results, workdir):
     """The VAE on real instruments (tests/real_instruments.py): REAL_VAE["config"] trained for
     REAL_VAE["minutes"] on REAL_VAE["threads"] CPU threads on the training notes and melodies, exported,
-    and the held-out files (notes at pitches it never heard, two melodies) fed through the .ts `forward`
-    in REAL_VAE["buffer"]-sample buffers as nn~ does (keep_input phase): spectral convergence on a
-    Hann 2048/512 STFT, beside PCA-8 and PCA-16 fitted on the same training frames (magnitude frames,
-    no phase), the VAE's own magnitude frames (posterior mean, no phase), and the predictors' accuracy
-    on the held-out notes' frames."""
+    and the held-out files (notes at pitches it never heard, two melodies) played through the .ts
+    buffer by buffer (REAL_VAE["buffer"] samples) as nn~ does, on every path a user hears: `forward`
+    with the input's phase (keep_input) and with the real-time phase (rtpghi), and `encode` -> `decode`
+    as two objects (rtpghi, and random for reference). Beside them: the ceiling of the phase (each
+    file's own magnitudes through RTPGHI and PGHI), PCA-8/16 fitted on the same training frames and the
+    VAE's own magnitude frames (no phase). Spectral convergence and log-spectral distance on a Hann
+    2048/512 STFT; the predictors' accuracy on the held-out notes' frames; training frames/s with and
+    without augmentation; every method's real-time factor on one thread."""
     rendered = _real_instruments(workdir, "VAE on real instruments")
     if rendered is None:
         return
     root, train_files, heldout_files = rendered
-    torch.set_num_threads(REAL_VAE["threads"])
+    threads = REAL_VAE["threads"]
+    torch.set_num_threads(threads)
     entries = {e["path"]: e for e in json.loads((root / "notes.json").read_text())}
     train_root = _training_root(workdir, root, train_files, "real_vae_train_audio")
     started = time.time()
     if REAL_VAE["run"]:  # a run trained earlier (--vae_run): evaluate it again
         run, train_minutes = Path(REAL_VAE["run"]), None
     else:
-        run = train_vae.main(["--config", REAL_VAE["config"], "name=real_vae", f"rundir={workdir / 'runs'}",
-                              f"+data.dataset.root={train_root}", "train.max_steps=10000000", "train.val_every=1000",
-                              f"train.max_minutes={REAL_VAE['minutes']}", f"train.num_threads={REAL_VAE['threads']}",
+        run = train_vae.main(["--config", REAL_VAE["config"], "name=real_vae",
+                              f"rundir={workdir / 'runs'}", f"+data.dataset.root={train_root}",
+                              "train.max_steps=10000000", "train.val_every=1000",
+                              f"train.max_minutes={REAL_VAE['minutes']}", f"train.num_threads={threads}",
                               "train.device=cpu", *REAL_VAE_PREDICTION, *REAL_VAE["overrides"]])
         train_minutes = (time.time() - started) / 60
     ts = script.export(run, workdir / "real_vae", force=True, verbose=False, name="best")
     model, checkpoint = models.load_vae(run / "best.pt")
     config = checkpoint["config"]
     t = config["data"]["transform"]
-    sr, hop = t["sr"], t["hop"]
+    sr, hop, n_fft = t["sr"], t["hop"], t["n_fft"]
 
     # PCA on the training frames, in the model's normalised log-magnitude domain
     cache = Path(config["rundir"]) / "cache"
-    train_set = load_frames(config, train_root, [f for f in train_files], cache)
+    train_set = load_frames(config, train_root, list(train_files), cache)
     heldout_set = load_frames(config, root, heldout_files, cache)
     with torch.no_grad():
         x_train, x_held = model.normalize(train_set.mags), model.normalize(heldout_set.mags)
         pca = pca_reconstructions(x_train, x_held, (8, 16))
-        mean, _ = model.encode_conditioned(x_held, torch.zeros(len(x_held), 0))
-        frames_vae = model.denormalize(model.decode(mean))
+        labels = models.fill_missing_labels(model, {k: v for k, v in heldout_set.labels.items()
+                                                    if k in model.task_dims})
+        mean, _ = model.encode(x_held, labels)
+        frames_vae = model.denormalize(model.decode(mean, labels))
     ref = heldout_set.mags.numpy()
     offline = {f"PCA-{k}": float(sc_db(ref, model.denormalize(x).numpy())) for k, x in pca.items()}
-    offline["VAE frames (no phase)"] = float(sc_db(ref, frames_vae.numpy()))
+    offline["VAE frames, posterior mean (no phase)"] = float(sc_db(ref, frames_vae.numpy()))
 
-    # the .ts forward, buffer by buffer, as nn~ plays it; predicted labels on the note frames
+    # every path, buffer by buffer, as nn~ plays it; the phase's ceiling; predicted labels on the note frames
     torch.set_num_threads(1)
     host = NnHost(ts)
     buffer = REAL_VAE["buffer"]
-    scores, notes_scores, correct = [], [], {"pitch": [0, 0], "octave": [0, 0], "both": [0, 0]}
-    tasks = [name[5:] for name in host.model.forward_output_labels[1:]]  # pred_pitch, pred_octave
+    classes = {task: [line.split("\t")[1] for line in (root / "metadata" / task / "classes.txt").read_text().splitlines()]
+               for task in ("instrument", "pitch", "octave")}
+    tasks = list(host.model.forward_input_labels[1:])
+    scores = {name: [] for name, _, _ in HEARD_PATHS + [("ceiling: own magnitudes, rtpghi", 0, 0),
+                                                        ("ceiling: own magnitudes, pghi", 0, 0)]}
+    notes = {name: [] for name in scores}
+    correct = {"pitch": [0, 0], "octave": [0, 0], "both": [0, 0]}
+    predicted_tasks = [name[5:] for name in host.model.forward_output_labels[1:]]  # pred_pitch, pred_octave
     for key in heldout_files:
         audio = data.load_audio(root / key, sr)
-        out = _played_forward(host, audio, buffer)  # (1 + predictions, samples)
-        sc = _stft_db(audio, out[0])
-        scores.append(sc)
         entry = entries[key]
-        if entry["kind"] != "note" or not tasks:
+        labels = _score_labels(entry, tasks, len(audio), sr, classes)
+        outputs = {}
+        for name, method, mode in HEARD_PATHS:
+            host.model.set_phase_mode(mode)
+            if method == "forward":
+                played = _played_forward(host, audio, buffer, labels)  # (1 + predictions, samples)
+                outputs[name] = played[0]
+                if mode == "keep_input":
+                    predictions = played[1:]
+            else:
+                outputs[name] = _played_chain(host, audio, buffer, labels)
+        own = data.magnitude(audio, n_fft, hop)  # (bins, frames): the file's own Gaussian-window magnitudes
+        for method in ("rtpghi", "pghi"):
+            outputs[f"ceiling: own magnitudes, {method}"] = models.reconstruct_audio(own, n_fft, hop, method, iters=0,
+                                                                                      length=len(audio))
+        for name, out in outputs.items():
+            scores[name].append(_stft_db(audio, out))
+            if entry["kind"] == "note":
+                notes[name].append(scores[name][-1])
+        if entry["kind"] != "note" or not predicted_tasks:
             continue
-        notes_scores.append(sc)
-        predicted = out[1:, ::hop]  # (predictions, frames): the class held at each hop
+        predicted = predictions[:, ::hop]  # (predictions, frames): the class held at each hop
         index, midi = _note_frames(entry, predicted.shape[1], hop, sr)
-        by_task = {task: predicted[i, index].round().long().numpy() for i, task in enumerate(tasks)}
+        by_task = {task: predicted[i, index].round().long().numpy() for i, task in enumerate(predicted_tasks)}
         ok = {"pitch": by_task.get("pitch") == midi % 12, "octave": by_task.get("octave") == midi // 12 - 1}
         ok["both"] = ok["pitch"] & ok["octave"]
         for name, hits in ok.items():
             correct[name][0] += int(np.sum(hits))
             correct[name][1] += len(index)
-    torch.set_num_threads(REAL_VAE["threads"])
-    vae_ts = float(np.mean(scores))
-    results["real_vae"] = {"config": REAL_VAE["config"], "minutes": train_minutes, "steps": checkpoint["step"],
-                           "heldout_files": len(heldout_files), "ts_forward_sc_db": vae_ts,
-                           "ts_forward_sc_db_notes": float(np.mean(notes_scores)) if notes_scores else None,
-                           "offline_sc_db": offline,
-                           "predictor_accuracy": {k: c / max(n, 1) for k, (c, n) in correct.items()},
-                           "validation_sc_best": checkpoint["best_val"]}
+    speeds = _method_speeds(host, buffer, sr)
+    fps = {augment: _training_frames_per_s(config, train_set, augment, threads) for augment in (False, True)}
+    torch.set_num_threads(threads)
+
+    paths = {name: {"sc_db": float(np.mean([s for s, _ in v])), "lsd_db": float(np.mean([d for _, d in v])),
+                    "sc_db_notes": float(np.mean([s for s, _ in notes[name]])) if notes[name] else None}
+             for name, v in scores.items()}
+    results[f"real_vae/{REAL_VAE['config']}"] = {
+        "config": REAL_VAE["config"], "overrides": REAL_VAE["overrides"], "minutes": train_minutes,
+        "steps": checkpoint["step"], "heldout_files": len(heldout_files), "paths": paths, "offline_sc_db": offline,
+        "predictor_accuracy": {k: c / max(n, 1) for k, (c, n) in correct.items()},
+        "validation_sc_best": checkpoint["best_val"], "x_real_time_1thread": speeds,
+        "train_frames_per_s": {"augmented": fps[True], "plain": fps[False]}}
     trained = f"{train_minutes:.1f} min" if train_minutes else f"earlier ({run})"
-    rows = [("trained", f"{trained}, best.pt at step {checkpoint['step']:,} ({REAL_VAE['threads']} threads)"),
-            ("held-out files", f"{len(heldout_files)} ({len(notes_scores)} notes at unheard pitches, "
-                               f"{len(heldout_files) - len(notes_scores)} melodies)"),
-            (f".ts forward, buffer {buffer}, keep_input", f"SC {vae_ts:6.2f} dB (Hann 2048/512; notes only "
-                                                           f"{np.mean(notes_scores):.2f} dB)")]
+    n_notes = len(notes["forward keep_input"])
+    rows = [("trained", f"{trained}, best.pt at step {checkpoint['step']:,} ({threads} threads)"),
+            ("held-out files", f"{len(heldout_files)} ({n_notes} notes at unheard pitches, "
+                               f"{len(heldout_files) - n_notes} melodies); buffer {buffer}, SC / log-spectral distance")]
+    rows += [(name, f"SC {p['sc_db']:6.2f} dB   LSD {p['lsd_db']:5.2f} dB   (notes alone: SC {p['sc_db_notes']:6.2f} dB)")
+             for name, p in paths.items()]
     rows += [(name, f"SC {v:6.2f} dB (magnitude frames)") for name, v in offline.items()]
     rows += [(f"predicted {k} on held-out note frames", f"{100 * c / max(n, 1):.1f}% of {n} frames")
-             for k, (c, n) in correct.items()]
-    table(f"VAE on real instruments: {REAL_VAE['config']}, {REAL_VAE['minutes']:g} min", rows)
-    print(f"  target: held-out SC <= -13 dB through the .ts: {'met' if vae_ts <= -13 else 'MISSED'}; "
-          f"better than PCA-16: {'yes' if vae_ts < offline['PCA-16'] else 'no'}; "
-          f"pitch class >= 95%: {'met' if correct['pitch'][0] >= 0.95 * correct['pitch'][1] else 'MISSED'}")
+             for k, (c, n) in correct.items() if n]
+    rows.append(("training frames/s", f"{fps[True]:,.0f} augmented, {fps[False]:,.0f} without "
+                                      f"({fps[True] / fps[False]:.2f}x; {threads} threads)"))
+    rows.append(("x real time, 1 thread", ", ".join(f"{m} {x:.0f}x" for m, x in speeds.items())))
+    table(f"VAE on real instruments: {REAL_VAE['config']} {' '.join(REAL_VAE['overrides'])}, "
+          f"{REAL_VAE['minutes']:g} min", rows)
+    chain, keep = paths["encode -> decode rtpghi"]["sc_db"], paths["forward keep_input"]["sc_db"]
+    print(f"  targets: encode -> decode (rtpghi) <= -14 dB: {'met' if chain <= -14 else 'MISSED'} ({chain:.2f}); "
+          f"forward keep_input <= -17 dB: {'met' if keep <= -17 else 'MISSED'} ({keep:.2f}); every method >= 20x: "
+          f"{'met' if min(speeds.values()) >= 20 else 'MISSED'}; augmentation within 15% of plain: "
+          f"{'met' if fps[True] >= 0.85 * fps[False] else 'MISSED'}")
 
 
 # ---- ordered latents and the fidelity knob on real instruments ----------------------------------
@@ -995,6 +1141,7 @@ def main():
     parser.add_argument("--workdir", help="where to put synthetic data and runs (default: a temporary folder)")
     parser.add_argument("--vae_minutes", type=float, default=REAL_VAE["minutes"],
                         help="real_vae: training minutes (default 10)")
+    parser.add_argument("--vae_config", default=REAL_VAE["config"], help="real_vae: the config to train (default dgt_normal)")
     parser.add_argument("--vae_overrides", nargs="*", default=[], help="real_vae: config overrides (key=value)")
     parser.add_argument("--vae_run", help="real_vae: evaluate this run (a version folder) instead of training one")
     parser.add_argument("--prior_minutes", type=float, default=REAL_PRIOR["minutes"],
@@ -1003,7 +1150,7 @@ def main():
     parser.add_argument("--vae", help="real_prior: the VAE .ts whose latents the prior learns (default: the real_vae "
                                       "section's, or one trained here)")
     args = parser.parse_args()
-    REAL_VAE.update(minutes=args.vae_minutes, overrides=args.vae_overrides, run=args.vae_run)
+    REAL_VAE.update(minutes=args.vae_minutes, config=args.vae_config, overrides=args.vae_overrides, run=args.vae_run)
     REAL_PRIOR.update(minutes=args.prior_minutes, configs=args.prior_configs, vae=args.vae)
     results = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
