@@ -465,6 +465,22 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
 
 
+def learning_rate(tc, step, total_steps, spent=0.0):
+    """The learning rate at `step` of a trainer's `train` section: a linear warm-up from
+    warmup_start·lr over warmup_steps (when the section has them), then `lr_schedule`: constant (or
+    halving every `half_life` steps when the section sets one), or cosine: down along a half cosine
+    to lr_final·lr at the end of the run, its total_steps or, with max_minutes, its time (spent: the
+    share of it used), whichever is further along."""
+    warmup = tc.get("warmup_steps", 0)
+    if step < warmup:
+        return tc["lr"] * (tc["warmup_start"] + (1.0 - tc["warmup_start"]) * step / warmup)
+    if tc["lr_schedule"] == "cosine":
+        done = min(1.0, max((step - warmup) / max(total_steps - warmup, 1), spent))
+        return tc["lr"] * (tc["lr_final"] + (1.0 - tc["lr_final"]) * 0.5 * (1.0 + math.cos(math.pi * done)))
+    half_life = tc.get("lr_half_life") or tc.get("decay_half_life")
+    return tc["lr"] * 0.5 ** ((step - warmup) / half_life) if half_life else tc["lr"]
+
+
 class EarlyStopping:
     """The best validation value so far and the validations since it improved. Saved in every
     checkpoint (state_dict), so a resumed run keeps its count instead of starting over."""

@@ -67,7 +67,9 @@ DEFAULTS = {
         "weight_decay": 0.01,
         "warmup_steps": 1000,        # linear warm-up from warmup_start·lr to lr ...
         "warmup_start": 0.01,
-        "decay_half_life": 20000,    # ... then exponential decay: lr halves every N steps
+        "decay_half_life": 20000,    # ... then exponential decay: lr halves every N steps (lr_schedule: constant)
+        "lr_schedule": "constant",   # constant (with decay_half_life) | cosine: to lr_final·lr at the end of
+        "lr_final": 0.05,            #   max_steps or max_minutes, whichever comes first
         "max_steps": 50000,
         "max_minutes": None,         # stop after this much training time (checked every log_every steps)
         "grad_clip": 1.0,            # max gradient norm (0: off)
@@ -89,7 +91,7 @@ RANGES = {  # numbers out of these ranges are refused, naming the key (data.chec
     "data.valid_fraction": "[0, 1)", "data.crop": ">= 1", "data.jitter": "[0, 1]", "model.dim": ">= 1", "model.layers": ">= 1",
     "model.heads": ">= 1", "model.ffn_dim": ">= 1", "model.context": ">= 1", "model.dropout": "[0, 1)",
     "model.encoder_layers": ">= 1", "train.batch_size": ">= 1", "train.lr": ">= 0", "train.weight_decay": ">= 0",
-    "train.warmup_steps": ">= 0", "train.warmup_start": "[0, 1]", "train.decay_half_life": "> 0",
+    "train.warmup_steps": ">= 0", "train.warmup_start": "[0, 1]", "train.decay_half_life": "> 0", "train.lr_final": "[0, 1]",
     "train.max_steps": ">= 1", "train.max_minutes": "> 0", "train.grad_clip": ">= 0", "train.num_threads": ">= 1",
     "train.log_every": ">= 1", "train.val_every": ">= 1", "train.patience": ">= 0", "train.top_k": ">= 1",
     "train.listen_seconds": ">= 0"}
@@ -99,6 +101,8 @@ MARKOV_HEAD_MAX_RESOLUTION = 256  # above, the (Q, N, N) table grows too large (
 
 
 def check_model_config(config, index):
+    if config["train"]["lr_schedule"] not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {config['train']['lr_schedule']!r}")
     m = config["model"]
     if m["backbone"] not in ("transformer", "gru", "seq2seq"):
         raise ConfigError(f"model.backbone must be transformer, gru or seq2seq, got {m['backbone']!r}")
@@ -114,13 +118,6 @@ def parse_args(argv):
         argv, __doc__, CONFIG_DIR, DEFAULTS, default_config="decoder_only",
         flags={"--db_path": "data.db_path", "--name": "name", "--pretrained_embedding": "pretrained_embedding",
                "--model": "decoder"})
-
-
-def learning_rate(step, tc):
-    """Linear warm-up from warmup_start·lr to lr, then exponential decay with the given half-life."""
-    if step < tc["warmup_steps"]:
-        return tc["lr"] * (tc["warmup_start"] + (1.0 - tc["warmup_start"]) * step / tc["warmup_steps"])
-    return tc["lr"] * 0.5 ** ((step - tc["warmup_steps"]) / tc["decay_half_life"])
 
 
 def token_metrics(logits, targets, top_k):
@@ -358,11 +355,12 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(tc["seed"] + step + 1_000_003 * dist_info.rank)
     last_log, frames_seen, t0 = time.time(), 0, time.time()
     start_step, max_steps = step, tc["max_steps"]
+    total_steps, spent = max_steps, 0.0  # spent: the share of train.max_minutes used (rank 0's clock)
     jitter = config["data"]["jitter"]
     model.train()
     try:
         while step < max_steps:
-            lr = learning_rate(step, tc)
+            lr = data.learning_rate(tc, step, total_steps, spent)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tokens, features = train_set.random_crops(tc["batch_size"], crop + 1, generator)  # (batch, crop + 1, Q)
@@ -380,7 +378,8 @@ def main(argv=None):
             step += 1
             frames_seen += tokens.shape[0] * crop * dist_info.world_size
             if tc["max_minutes"] and step % tc["log_every"] == 0:  # the time budget, decided on rank 0
-                if data.broadcast_object(time.time() - t0 > 60 * tc["max_minutes"]):
+                spent = data.broadcast_object((time.time() - t0) / (60 * tc["max_minutes"]))
+                if spent >= 1.0:
                     max_steps = step  # this step logs, validates and checkpoints as the last one
 
             if dist_info.is_main and (step % tc["log_every"] == 0 or step == max_steps):

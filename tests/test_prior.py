@@ -8,6 +8,7 @@ import torch
 import data
 import models
 import train_prior
+import train_vae
 from helpers import TINY_PRIOR, run_script, write_latent_db
 
 @pytest.fixture(scope="module")
@@ -189,9 +190,21 @@ def test_resume_continues_from_the_saved_step(latent_db, tmp_path):
 
 def test_learning_rate_warms_up_then_decays():
     tc = dict(train_prior.DEFAULTS["train"], lr=1e-3, warmup_steps=100, warmup_start=0.01, decay_half_life=1000)
-    assert train_prior.learning_rate(0, tc) == pytest.approx(1e-5)
-    assert train_prior.learning_rate(100, tc) == pytest.approx(1e-3)
-    assert train_prior.learning_rate(1100, tc) == pytest.approx(5e-4)
+    assert data.learning_rate(tc, 0, 10000) == pytest.approx(1e-5)
+    assert data.learning_rate(tc, 100, 10000) == pytest.approx(1e-3)
+    assert data.learning_rate(tc, 1100, 10000) == pytest.approx(5e-4)
+
+
+def test_cosine_learning_rate_ends_at_lr_final_by_steps_or_by_minutes():
+    tc = dict(train_prior.DEFAULTS["train"], lr=1e-3, warmup_steps=100, warmup_start=0.01, lr_schedule="cosine",
+              lr_final=0.1)
+    assert data.learning_rate(tc, 100, 1100) == pytest.approx(1e-3)  # after the warm-up: the peak
+    assert data.learning_rate(tc, 600, 1100) == pytest.approx(0.55e-3)  # half way down
+    assert data.learning_rate(tc, 1100, 1100) == pytest.approx(1e-4)
+    assert data.learning_rate(tc, 200, 10 ** 7, spent=1.0) == pytest.approx(1e-4)  # the time budget is spent
+    vae = dict(train_vae.DEFAULTS["train"], lr=1e-3, lr_schedule="cosine", lr_final=0.0)  # no warm-up key
+    assert data.learning_rate(vae, 0, 100) == pytest.approx(1e-3)
+    assert data.learning_rate(vae, 50, 100, spent=0.5) == pytest.approx(0.5e-3)
 
 
 @pytest.mark.slow
