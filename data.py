@@ -965,7 +965,7 @@ def augment_frames(mags, labels, task_dims, pitch_p=0.8, pitch_range=4, roll_p=0
       ±pitch_range (never 0), as if its audio were resampled (pitch_shift_frames); pitch and octave
       labels follow (shift_pitch_labels). A frame model otherwise learns the pitches it was given,
       not the timbre: on notes of real instruments held out by pitch, spectral convergence went
-      from -4 dB to -13.4 dB through the export after the same training time (README).
+      from -4 dB to -13.4 dB through the export after the same training time (docs/measurements.md).
     - roll (vschaos2's): with probability roll_p a roll by a few bins (edges repeated). It does not
       change pitch in a musical way (a constant offset in Hz, not a ratio); off by default.
     - gain: ×(1 + gain_std·N(0, 1))."""

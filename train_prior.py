@@ -58,7 +58,7 @@ DEFAULTS = {
         "dropout": 0.1,
         "encoder_layers": 2,         # seq2seq: causal encoder layers over the conditioning features
         "markov_head": 0,            # 1: a per-stream transition table p(x_t | x_{t-1}) in the head, started from
-                                     # the training set's Markov chain (resolution <= 256 only; see README)
+                                     # the training set's Markov chain (resolution <= 256 only; see docs/prior.md)
     },
     "train": {
         "batch_size": 16,            # crops per step and process (torchrun: N processes × this)

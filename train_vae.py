@@ -71,7 +71,7 @@ DEFAULTS = {
         "device": "auto",                # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
         "num_threads": None,             # CPU threads for torch (default: torch's choice)
         "beta": 0.005,                   # weight of the KL term after warm-up (0.02 before: notes it never
-                                         # heard came back 1.9 dB worse, README "Notes it never heard")
+                                         # heard came back 1.9 dB worse, docs/training.md "Notes it never heard")
         "beta_warmup_steps": 2000,
         "free_bits": 0.05,               # nats per latent dimension left free of the KL penalty
         "log_magnitude_weight": 1.0,     # weight of the L1 term on normalised log-magnitudes

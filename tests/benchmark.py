@@ -1145,7 +1145,7 @@ def main():
     parser.add_argument("--vae_overrides", nargs="*", default=[], help="real_vae: config overrides (key=value)")
     parser.add_argument("--vae_run", help="real_vae: evaluate this run (a version folder) instead of training one")
     parser.add_argument("--prior_minutes", type=float, default=REAL_PRIOR["minutes"],
-                        help="real_prior: training minutes per config (default 10; the issue's second target is 60)")
+                        help="real_prior: training minutes per config (default 10; e.g. 60 for a long run)")
     parser.add_argument("--prior_configs", nargs="*", default=REAL_PRIOR["configs"], help="real_prior: configs to train")
     parser.add_argument("--vae", help="real_prior: the VAE .ts whose latents the prior learns (default: the real_vae "
                                       "section's, or one trained here)")

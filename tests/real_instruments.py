@@ -4,7 +4,7 @@ A helper for benchmarks, not a pytest test (nothing here is named test_*):
 
     .venv/bin/python tests/real_instruments.py OUT_DIR [--sr 44100] [--soundfont PATH] [--force]
 
-writes, in the vschaos2 layout (README "Dataset layout"):
+writes, in the vschaos2 layout (docs/training.md "Dataset layout"):
 
     OUT_DIR/data/notes/<instrument>/<instrument>_<Note><octave>.wav   single notes (mono float32)
     OUT_DIR/data/melodies/<name>.wav                                  short monophonic melodies

@@ -434,7 +434,7 @@ def test_pd_example_patch_matches_the_exported_demo_model(trained):
                 assert getattr(host.model, f"set_{attribute}")(value) == 0
 
 
-# ---- ordered latents, the fidelity knob, class presets (issue 17) ------------------------------
+# ---- ordered latents, the fidelity knob, class presets -----------------------------------------
 
 
 def test_latent_axes_order_the_latents_by_variance_and_presets_are_class_means():
